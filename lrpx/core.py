@@ -1,0 +1,42 @@
+"""The one autograd Function of lrpx: forward is the layer, backward is the rule."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .rules.base import Layer, Rule, stabilize
+
+__all__ = ["LRPFunction", "lrp_apply", "stabilize"]
+
+_SLOTS = ("input", "weight", "bias", "output")
+
+
+class LRPFunction(torch.autograd.Function):
+    """Runs ``layer.forward`` and, in backward, ``rule.relevance``.
+
+    Per-call state lives on ``ctx`` only, so a rule and a layer may be shared by many
+    modules, calls and threads. Parameters get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, layer: Layer, rule: Rule) -> Tensor:
+        output = layer.forward(input, weight, bias)
+        values = {"input": input, "weight": weight, "bias": bias, "output": output}
+        ctx.names = rule.saves
+        ctx.save_for_backward(*(values[name] for name in rule.saves))
+        ctx.layer, ctx.rule = layer, rule
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, relevance: Tensor):
+        saved = dict.fromkeys(_SLOTS)
+        saved.update(zip(ctx.names, ctx.saved_tensors))
+        relevance_in = ctx.rule.relevance(ctx.layer, relevance, **saved)
+        return relevance_in, None, None, None, None
+
+
+def lrp_apply(layer: Layer, rule: Rule, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Apply ``layer`` to ``input``; relevance flows back through ``rule``."""
+    return LRPFunction.apply(input, weight, bias, layer, rule)

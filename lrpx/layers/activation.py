@@ -1,0 +1,36 @@
+"""Twins of element-wise activations: forward is the activation, backward passes relevance
+through unchanged (the Pass rule). Never in-place."""
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor, nn
+
+from ..core import lrp_apply
+from ..ops import ElementwiseOps
+from .base import Twin
+
+#: the activations that get a pass-through twin
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.ReLU6,
+    nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.SELU, nn.CELU,
+)
+
+
+class _ActivationTwin(Twin):
+    _torch_class: type[nn.Module]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return lrp_apply(ElementwiseOps(partial(self._torch_class.forward, self)), self.rule, input)
+
+
+def _activation_twin(cls: type[nn.Module]) -> type[nn.Module]:
+    doc = f"``nn.{cls.__name__}`` whose backward passes relevance through unchanged."
+    return type(f"LRP{cls.__name__}", (_ActivationTwin, cls),
+                {"_torch_class": cls, "__doc__": doc, "__module__": __name__})
+
+
+#: ``{torch activation class: twin class}``
+ACTIVATION_TWINS: dict[type[nn.Module], type[nn.Module]] = {cls: _activation_twin(cls) for cls in ACTIVATIONS}
+globals().update({twin.__name__: twin for twin in ACTIVATION_TWINS.values()})
+__all__ = [twin.__name__ for twin in ACTIVATION_TWINS.values()] + ["ACTIVATIONS", "ACTIVATION_TWINS"]

@@ -1,0 +1,146 @@
+"""Layer primitives for the rules: a forward ``f(x; W, b)`` and an input VJP ``g(s; W)``.
+
+Each class is a small immutable description of one layer call. The VJPs call ATen's
+backward kernels directly (no autograd graph, no weight gradient).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LinearOps", "ConvOps", "DiagonalOps", "AvgPoolOps", "AdaptiveAvgPoolOps", "ElementwiseOps"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _like(s: Tensor, shape: torch.Size) -> Tensor:
+    """A tensor of ``shape`` without memory, for kernels that only read an input's size."""
+    return s.new_empty(()).expand(shape)
+
+
+@dataclass(frozen=True)
+class LinearOps:
+    """``F.linear``; VJP ``s @ W``."""
+
+    channel_axis: int = -1
+
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(input, weight, bias)
+
+    def vjp(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        return s.matmul(weight)
+
+
+@dataclass(frozen=True)
+class ConvOps:
+    """``F.conv{1,2,3}d`` with numeric padding; VJP by ``aten.convolution_backward``."""
+
+    dim: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    channel_axis: int = 1
+
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _CONV[self.dim](input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def vjp(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            s, _like(s, input_shape), weight, None, list(self.stride), list(self.padding),
+            list(self.dilation), False, [0] * self.dim, self.groups, [True, False, False],
+        )[0]
+
+
+@dataclass(frozen=True)
+class DiagonalOps:
+    """A per-channel affine map ``x * w + b`` (BatchNorm in eval mode); VJP ``s * w``."""
+
+    channel_axis: int = 1
+
+    def _view(self, t: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[self.channel_axis] = -1
+        return t.view(shape)
+
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        out = input * self._view(weight, input.dim())
+        return out if bias is None else out + self._view(bias, input.dim())
+
+    def vjp(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        return s * self._view(weight, s.dim())
+
+
+def _as_2d(t: Tensor, dim: int) -> Tensor:
+    return t.unsqueeze(-2) if dim == 1 else t
+
+
+@dataclass(frozen=True)
+class AvgPoolOps:
+    """Average pooling; VJP by ``aten.avg_pool{2,3}d_backward`` (1d runs as 2d)."""
+
+    dim: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    ceil_mode: bool
+    count_include_pad: bool
+    divisor_override: int | None = None
+    channel_axis: int = 1
+
+    def _args(self) -> tuple:
+        if self.dim == 1:
+            return (1,) + self.kernel_size, (1,) + self.stride, (0,) + self.padding
+        return self.kernel_size, self.stride, self.padding
+
+    def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
+        k, st, p = self._args()
+        pool = F.avg_pool3d if self.dim == 3 else F.avg_pool2d
+        out = pool(_as_2d(input, self.dim), k, st, p, self.ceil_mode, self.count_include_pad, self.divisor_override)
+        return out.squeeze(-2) if self.dim == 1 else out
+
+    def vjp(self, s: Tensor, weight: None, input_shape: torch.Size) -> Tensor:
+        k, st, p = self._args()
+        shape = input_shape[:-1] + (1,) + input_shape[-1:] if self.dim == 1 else input_shape
+        back = torch.ops.aten.avg_pool3d_backward if self.dim == 3 else torch.ops.aten.avg_pool2d_backward
+        g = back(_as_2d(s, self.dim), _like(s, shape),
+                 list(k), list(st), list(p), self.ceil_mode, self.count_include_pad, self.divisor_override)
+        return g.squeeze(-2) if self.dim == 1 else g
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPoolOps:
+    """Adaptive average pooling; VJP by ``aten._adaptive_avg_pool{2,3}d_backward``."""
+
+    dim: int
+    output_size: tuple[int | None, ...]
+    channel_axis: int = 1
+
+    def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[self.dim]
+        return pool(input, self.output_size if self.dim > 1 else self.output_size[0])
+
+    def vjp(self, s: Tensor, weight: None, input_shape: torch.Size) -> Tensor:
+        if self.dim == 3:
+            return torch.ops.aten._adaptive_avg_pool3d_backward(s, _like(s, input_shape))
+        shape = input_shape[:-1] + (1,) + input_shape[-1:] if self.dim == 1 else input_shape
+        g = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(s, self.dim), _like(s, shape))
+        return g.squeeze(-2) if self.dim == 1 else g
+
+
+@dataclass(frozen=True)
+class ElementwiseOps:
+    """An element-wise function (an activation); its VJP is never needed by ``Pass``."""
+
+    function: Callable[[Tensor], Tensor]
+    channel_axis: int = 1
+
+    def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
+        return self.function(input)
+
+    def vjp(self, s: Tensor, weight: None, input_shape: torch.Size) -> Tensor:  # pragma: no cover
+        raise NotImplementedError("element-wise layers take the Pass rule")

@@ -1,0 +1,115 @@
+"""The rule protocol and the stabilizer shared by every rule.
+
+A rule turns the relevance arriving at a layer's output into the relevance of its input.
+It sees the layer only through two primitives (see :class:`Layer`): the forward
+``f(x; W, b)`` and the input vector-Jacobian product ``g(s; W) = J_x^T s``.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layer", "Rule", "stabilize", "positive", "negative", "is_nonnegative"]
+
+
+class Layer(Protocol):
+    """The two primitives of a layer that a rule may call.
+
+    ``forward(input, weight, bias)`` computes the layer with the given parameters and
+    ``vjp(s, weight, input_shape)`` the input vector-Jacobian product of the same layer
+    with weight ``weight``. Element-wise layers ignore the weight. ``channel_axis`` is the
+    axis of the output that the bias runs along (1 for Conv/BatchNorm, -1 for Linear).
+    """
+
+    channel_axis: int
+
+    def forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor: ...
+
+    def vjp(self, s: Tensor, weight: Tensor | None, input_shape: torch.Size) -> Tensor: ...
+
+
+def stabilize(z: Tensor, epsilon: float | Tensor) -> Tensor:
+    r"""Move ``z`` away from zero: :math:`z + \epsilon\,\mathrm{sign}_0(z)`.
+
+    ``sign0(0) = +1``, so a zero denominator becomes ``epsilon`` and is never 0.
+    """
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+def positive(t: Tensor | None) -> Tensor | None:
+    """``max(t, 0)``, passing ``None`` through (a missing bias)."""
+    return None if t is None else t.clamp(min=0)
+
+
+def negative(t: Tensor | None) -> Tensor | None:
+    """``min(t, 0)``, passing ``None`` through (a missing bias)."""
+    return None if t is None else t.clamp(max=0)
+
+
+def is_nonnegative(t: Tensor) -> bool:
+    """Whether every entry is ``>= 0`` (inputs after a ReLU take the cheap forms)."""
+    return not bool((t < 0).any())
+
+
+class Rule:
+    """Base class of all rules: immutable, shareable between layers and threads.
+
+    Subclasses implement :meth:`relevance`. ``saves`` names the tensors of the forward
+    call that the backward needs; the autograd Function saves exactly those.
+    """
+
+    saves: tuple[str, ...] = ("input", "weight", "bias", "output")
+    #: the kinds of layer the rule applies to: "weighted", "elementwise" or "sum"
+    kinds: frozenset[str] = frozenset({"weighted"})
+
+    def relevance(
+        self,
+        layer: Layer,
+        relevance: Tensor,
+        input: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        output: Tensor | None,
+    ) -> Tensor:
+        """Return the relevance of ``input`` given the relevance of ``output``."""
+        raise NotImplementedError
+
+    def _fields(self) -> dict[str, object]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={_short(v)}" for k, v in self._fields().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        a, b = self._fields(), other._fields()  # type: ignore[attr-defined]
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self._fields())))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is immutable; create a new rule instead")
+        object.__setattr__(self, name, value)
+
+    def _freeze(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+
+
+def _short(v: object) -> str:
+    if isinstance(v, Tensor):
+        if v.numel() == 1:
+            return f"{v.item():g}"
+        return f"tensor(shape={tuple(v.shape)})"
+    return repr(v)
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    return a == b

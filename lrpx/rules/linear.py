@@ -1,0 +1,293 @@
+"""Rules for weighted layers (Linear, Conv, BatchNorm as a per-channel affine layer).
+
+Every formula is written with the layer's forward ``f(x; W, b)`` and its input
+vector-Jacobian product ``g(s; W)``; see ``RULES`` in the documentation for the notation.
+No autograd graph is built here and no weight gradient is computed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Layer, Rule, is_nonnegative, negative, positive, stabilize
+
+__all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
+
+
+def _check_nonnegative(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value}")
+    return value
+
+
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x.clamp(min=0), x.clamp(max=0)
+
+
+def _twice(x: Tensor) -> torch.Size:
+    return torch.Size((2 * x.shape[0],) + tuple(x.shape[1:]))
+
+
+def _bias_like(layer: Layer, bias: Tensor, z: Tensor) -> Tensor:
+    """The bias shaped to broadcast against an output ``z`` of the layer."""
+    shape = [1] * z.dim()
+    shape[layer.channel_axis if layer.channel_axis >= 0 else z.dim() + layer.channel_axis] = -1
+    return bias.view(shape)
+
+
+def _bias_or_zero(layer: Layer, bias: Tensor | None, like: Tensor) -> Tensor | float:
+    return 0.0 if bias is None else _bias_like(layer, bias, like)
+
+
+def _minus_bias(z: Tensor, bias: Tensor | None, layer: Layer) -> Tensor:
+    """``z - b``: the weighted part of the saved output."""
+    return z if bias is None else z - _bias_like(layer, bias, z)
+
+
+class Epsilon(Rule):
+    r"""LRP-:math:`\epsilon` (Bach et al. 2015).
+
+    .. math:: R_j = x_j \sum_k \frac{w_{jk}}{z_k + \epsilon\,\mathrm{sign}_0(z_k)} R_k,
+        \qquad z = Wx + b
+
+    Reuses the saved forward output, so it costs one input vector-Jacobian product.
+
+    Parameters
+    ----------
+    epsilon
+        The stabilizer. ``Epsilon(0)`` is LRP-0 (a zero denominator then divides by zero).
+    relative
+        If true, the stabilizer of each sample is ``epsilon * RMS(z)`` of that sample (the
+        middle-layer choice of the LRP tutorial, Montavon et al. 2019).
+    """
+
+    def __init__(self, epsilon: float = 1e-6, *, relative: bool = False) -> None:
+        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self.relative = bool(relative)
+        self._freeze()
+
+    def _fields(self) -> dict[str, object]:
+        fields = super()._fields()
+        if not self.relative:
+            del fields["relative"]
+        return fields
+
+    def _stabilizer(self, z: Tensor) -> float | Tensor:
+        if not self.relative:
+            return self.epsilon
+        rms = z.detach().flatten(1).pow(2).mean(1).sqrt()
+        return self.epsilon * rms.view((-1,) + (1,) * (z.dim() - 1))
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        s = relevance / stabilize(output, self._stabilizer(output))
+        return input * layer.vjp(s, weight, input.shape)
+
+
+class AlphaBeta(Rule):
+    r"""LRP-:math:`\alpha\beta` (Bach et al. 2015), for signed inputs.
+
+    .. math:: R_j = \alpha\,[x^+_j g(s^+; W^+) + x^-_j g(s^+; W^-)]
+                 - \beta\,[x^+_j g(s^-; W^-) + x^-_j g(s^-; W^+)]
+
+    with :math:`s^+ = R / \mathrm{stab}(W^+x^+ + b^+ + W^-x^-)` and
+    :math:`s^- = R / \mathrm{stab}(W^-x^+ + b^- + W^+x^-)`. Requires
+    :math:`\alpha - \beta = 1`, both :math:`\ge 0`. ``AlphaBeta(1, 0)`` is z+.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6) -> None:
+        alpha, beta = _check_nonnegative("alpha", alpha), _check_nonnegative("beta", beta)
+        if abs(alpha - beta - 1.0) > 1e-12:
+            raise ValueError(
+                f"AlphaBeta needs alpha - beta == 1 to conserve relevance, got alpha={alpha}, "
+                f"beta={beta}; e.g. AlphaBeta(2, 1) or AlphaBeta(1, 0)"
+            )
+        self.alpha, self.beta = alpha, beta
+        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self._freeze()
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        if is_nonnegative(input):
+            return self._nonnegative(layer, relevance, input, weight, bias, output)
+        return self._signed(layer, relevance, input, weight, bias)
+
+    def _nonnegative(self, layer, relevance, x, weight, bias, z):
+        # x >= 0: W+ x is one extra forward, W- x = (z - b) - W+ x
+        wp = positive(weight)
+        u = layer.forward(x, wp, None)
+        s_p = relevance / stabilize(u + _bias_or_zero(layer, positive(bias), u), self.epsilon)
+        if self.beta == 0:
+            return x * layer.vjp(self.alpha * s_p, wp, x.shape)
+        v = _minus_bias(z, bias, layer) - u
+        s_n = relevance / stabilize(v + _bias_or_zero(layer, negative(bias), v), self.epsilon)
+        # alpha g(s_p; W+) - beta g(s_n; W-) with g(s; W-) = g(s; W) - g(s; W+)
+        out = layer.vjp(self.alpha * s_p + self.beta * s_n, wp, x.shape)
+        return x * (out - self.beta * layer.vjp(s_n, weight, x.shape))
+
+    def _signed(self, layer, relevance, x, weight, bias):
+        xp, xn = _split(x)
+        wp, wn = positive(weight), negative(weight)
+        both = torch.cat([xp, xn])
+        pp, pn = layer.forward(both, wp, None).chunk(2)  # W+ x+, W+ x-
+        np_, nn_ = layer.forward(both, wn, None).chunk(2)  # W- x+, W- x-
+        z_p = pp + nn_ + _bias_or_zero(layer, positive(bias), pp)
+        s_p = relevance / stabilize(z_p, self.epsilon)
+        if self.beta == 0:
+            return self.alpha * (xp * layer.vjp(s_p, wp, x.shape) + xn * layer.vjp(s_p, wn, x.shape))
+        z_n = np_ + pn + _bias_or_zero(layer, negative(bias), pp)
+        s_n = relevance / stabilize(z_n, self.epsilon)
+        stacked = torch.cat([self.alpha * s_p, self.beta * s_n])
+        p1, p2 = layer.vjp(stacked, wp, _twice(x)).chunk(2)
+        n1, n2 = layer.vjp(stacked, wn, _twice(x)).chunk(2)
+        return xp * (p1 - n2) + xn * (n1 - p2)
+
+
+class ZPlus(AlphaBeta):
+    r"""LRP-z+ (Montavon et al. 2017): only positive contributions, bias on the first term.
+
+    .. math:: R_j = x^+_j g(s; W^+) + x^-_j g(s; W^-), \qquad
+        s = R / \mathrm{stab}(W^+x^+ + b^+ + W^-x^-)
+
+    Equal to ``AlphaBeta(1, 0)``; for ``x >= 0`` one extra forward ``W^+ x + b^+``.
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        super().__init__(1.0, 0.0, epsilon)
+
+    def _fields(self) -> dict[str, object]:
+        return {"epsilon": self.epsilon}
+
+
+class Gamma(Rule):
+    r"""Generalized LRP-:math:`\gamma` (Montavon et al. 2019; signed inputs, Andéol et al. 2021).
+
+    With :math:`P = W + \gamma W^+` and :math:`N = W + \gamma W^-`,
+
+    .. math::
+        z_p = P x^+ + N x^- + b + \gamma b^+, \quad z_n = N x^+ + P x^- + b + \gamma b^-,\\
+        s_p = [z > 0]\, R / \mathrm{stab}(z_p), \quad s_n = [z < 0]\, R / \mathrm{stab}(z_n),\\
+        R_j = x^+_j\,[g(s_p; P) + g(s_n; N)] + x^-_j\,[g(s_p; N) + g(s_n; P)].
+
+    Computed with ``u = W^+ x^+ + W^- x^-`` only: :math:`z_p = z + \gamma (u + b^+)`,
+    :math:`z_n = z + \gamma (z - b - u + b^-)`; one extra forward and two VJPs when
+    ``x >= 0``.
+    """
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
+        self.gamma = _check_nonnegative("gamma", gamma)
+        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self._freeze()
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        x, z, g = input, output, self.gamma
+        wp = positive(weight)
+        nonneg = is_nonnegative(x)
+        if nonneg:
+            u = layer.forward(x, wp, None)
+        else:
+            xn = x.clamp(max=0)
+            u = layer.forward(x.abs(), wp, None) + layer.forward(xn, weight, None)
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        z_p = z + g * (u + _bias_or_zero(layer, positive(bias), u))
+        z_n = z + g * (_minus_bias(z, bias, layer) - u + _bias_or_zero(layer, negative(bias), u))
+        s_p = torch.where(z > 0, relevance, zero) / stabilize(z_p, self.epsilon)
+        s_n = torch.where(z < 0, relevance, zero) / stabilize(z_n, self.epsilon)
+        d = layer.vjp(s_p - s_n, wp, x.shape)
+        if nonneg:
+            return x * (layer.vjp(s_p + (1 + g) * s_n, weight, x.shape) + g * d)
+        a, c = layer.vjp(torch.cat([s_p + (1 + g) * s_n, (1 + g) * s_p + s_n]), weight, _twice(x)).chunk(2)
+        return x.clamp(min=0) * a + x.clamp(max=0) * c + g * x.abs() * d
+
+
+class ZBox(Rule):
+    r"""LRP-:math:`z^\mathcal{B}` for a first layer on bounded input (Montavon et al. 2017).
+
+    .. math::
+        z_B = (Wx + b) - (W^+ l + b^+) - (W^- h + b^-), \quad s = R / \mathrm{stab}(z_B),\\
+        R_j = x_j g(s; W) - l_j g(s; W^+) - h_j g(s; W^-)
+
+    Parameters
+    ----------
+    low, high
+        Bounds of the input, floats or tensors broadcastable to it (per channel, e.g. shape
+        ``(1, C, 1, 1)`` for a normalised image). ``low <= high`` everywhere.
+    """
+
+    def __init__(self, low: float | Tensor, high: float | Tensor, epsilon: float = 1e-6) -> None:
+        low_t, high_t = torch.as_tensor(low), torch.as_tensor(high)
+        if not (torch.isfinite(low_t).all() and torch.isfinite(high_t).all()):
+            raise ValueError("ZBox bounds must be finite")
+        try:
+            bad = bool((low_t > high_t).any())
+        except RuntimeError as err:
+            raise ValueError(f"ZBox low {tuple(low_t.shape)} and high {tuple(high_t.shape)} do not broadcast") from err
+        if bad:
+            raise ValueError("ZBox needs low <= high everywhere; got some low > high (swapped bounds?)")
+        self.low = low if isinstance(low, Tensor) else float(low)
+        self.high = high if isinstance(high, Tensor) else float(high)
+        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self._freeze()
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        x = input
+        low, high = _bound(self.low, x), _bound(self.high, x)
+        wp = positive(weight)
+        # the biases cancel: b - b+ - b- = 0
+        z_b = (
+            _minus_bias(output, bias, layer)
+            - layer.forward(low, wp, None)
+            - layer.forward(high, weight - wp, None)
+        )
+        s = relevance / stabilize(z_b, self.epsilon)
+        # x g(s; W) - l g(s; W+) - h g(s; W-) with g(s; W-) = g(s; W) - g(s; W+)
+        return (x - high) * layer.vjp(s, weight, x.shape) + (high - low) * layer.vjp(s, wp, x.shape)
+
+
+def _bound(value: float | Tensor, x: Tensor) -> Tensor:
+    """A bound as a tensor shaped like one sample of ``x`` (or like ``x`` if per sample)."""
+    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if t.dim() > x.dim():
+        raise ValueError(f"ZBox bound of shape {tuple(t.shape)} does not broadcast to input {tuple(x.shape)}")
+    batch = x.shape[0] if t.dim() == x.dim() and t.shape[0] == x.shape[0] else 1
+    try:
+        return torch.broadcast_to(t, (batch,) + tuple(x.shape[1:]))
+    except RuntimeError as err:
+        raise ValueError(f"ZBox bound of shape {tuple(t.shape)} does not broadcast to input {tuple(x.shape)}") from err
+
+
+class Flat(Rule):
+    r"""Flat rule (Lapuschkin et al. 2019): every input of a receptive field counts the same.
+
+    .. math:: z_k = \sum_j [j \in k], \qquad R_j = g(R / \mathrm{stab}(z); \mathbf{1})
+
+    where ``z`` is a forward of ones with unit weights and no bias (zero padding counts 0).
+    """
+
+    saves = ("input", "weight")
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self._freeze()
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        ones_w = torch.ones_like(weight)
+        z = layer.forward(torch.ones_like(input[:1]), ones_w, None)
+        return layer.vjp(relevance / stabilize(z, self.epsilon), ones_w, input.shape)
+
+
+class WSquare(Rule):
+    r"""LRP-:math:`w^2` (Montavon et al. 2017): relevance in proportion to squared weights.
+
+    .. math:: z = f(\mathbf{1}; W^2, b^2), \qquad R_j = g(R / \mathrm{stab}(z); W^2)
+    """
+
+    saves = ("input", "weight", "bias")
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self._freeze()
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        w2 = weight * weight
+        z = layer.forward(torch.ones_like(input[:1]), w2, None if bias is None else bias * bias)
+        return layer.vjp(relevance / stabilize(z, self.epsilon), w2, input.shape)
