@@ -97,10 +97,10 @@ class Composite:
     sum: Rule = field(default_factory=Norm)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rules", tuple(tuple(pair) for pair in self.rules))
         for pair in self.rules:
-            if len(pair) != 2 or not isinstance(pair[1], Rule):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[1], Rule):
                 raise TypeError(f"a composite entry is a (matcher, rule) pair, got {pair!r}")
+        object.__setattr__(self, "rules", tuple(tuple(pair) for pair in self.rules))
 
     def assign(self, model: nn.Module, *, canonize_copy: bool = True,
                twins: dict[type[nn.Module], type[nn.Module] | None] | None = None) -> dict[str, Rule]:
