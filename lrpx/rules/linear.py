@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Layer, Rule, is_nonnegative, negative, positive, stabilize
+from .base import Layer, Rule, is_nonnegative, negative, positive, sign_masks, stabilize
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
 
@@ -187,11 +187,11 @@ class Gamma(Rule):
         else:
             xn = x.clamp(max=0)
             u = layer.forward(x.abs(), wp, None) + layer.forward(xn, weight, None)
-        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        above, below = sign_masks(z)
         z_p = z + g * (u + _bias_or_zero(layer, positive(bias), u))
         z_n = z + g * (_minus_bias(z, bias, layer) - u + _bias_or_zero(layer, negative(bias), u))
-        s_p = torch.where(z > 0, relevance, zero) / stabilize(z_p, self.epsilon)
-        s_n = torch.where(z < 0, relevance, zero) / stabilize(z_n, self.epsilon)
+        s_p = relevance * above / stabilize(z_p, self.epsilon)
+        s_n = relevance * below / stabilize(z_n, self.epsilon)
         d = layer.vjp(s_p - s_n, wp, x.shape)
         if nonneg:
             return x * (layer.vjp(s_p + (1 + g) * s_n, weight, x.shape) + g * d)

@@ -1,0 +1,134 @@
+"""Time an LRP explanation against a plain input-gradient on the same model, in one run.
+
+    python benchmarks/bench_explain.py --models vgg16 resnet50 --batch 1 8 --threads 2
+
+Each row: median wall time of one explanation (forward + backward) and its ratio to the
+input-gradient baseline (forward + backward to the input, parameters frozen), measured in
+the same process, interleaved, after warm-up. zennit is timed too when it is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torchvision
+
+import lrpx
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(steps: dict, device, repeat: int, warmup: int = 2) -> dict:
+    """Median seconds per step; the steps run in turn each round, so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times = {k: [] for k in steps}
+    for _ in range(repeat):
+        for k, fn in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(fn, device) -> float | None:
+    """Peak GPU memory of one call in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def grad_step(model, x, target):
+    def run():
+        xin = x.detach().requires_grad_()
+        out = model(xin)
+        r = torch.zeros_like(out)
+        r[torch.arange(len(x)), target] = out.detach()[torch.arange(len(x)), target]
+        (g,) = torch.autograd.grad(out, xin, r)
+        return g
+    return run
+
+
+def zennit_step(model, x, target, name):
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonGammaBox
+    from zennit.torchvision import ResNetCanonizer, SequentialMergeBatchNorm
+
+    canon = [ResNetCanonizer()] if name.startswith("resnet") else [SequentialMergeBatchNorm()]
+    composite = EpsilonGammaBox(low=-3.0, high=3.0, canonizers=canon)
+    n = model(x[:1]).shape[1]
+    onehot = torch.eye(n, device=x.device, dtype=x.dtype)[target]
+
+    def run():
+        with Gradient(model, composite) as attributor:
+            out, rel = attributor(x, lambda o: o * onehot)
+        return rel
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-peers", action="store_true", help="skip zennit even when installed")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    try:
+        import zennit  # noqa: F401
+        peers = not args.no_peers
+    except ImportError:
+        peers = False
+    name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device={device} ({name_dev}) dtype={args.dtype} threads={args.threads} torch={torch.__version__} "
+          f"input={args.size}x{args.size} repeat={args.repeat} (median)")
+    print("| model | batch | method | time (ms) | ratio to input-gradient | peak GPU memory (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None).eval().to(device, dtype)
+        for p_ in model.parameters():
+            p_.requires_grad_(False)
+        methods = {
+            "input-gradient": model,
+            "lrpx epsilon": lrpx.convert(model),
+            "lrpx epsilon_gamma_box": lrpx.convert(model, lrpx.composites.epsilon_gamma_box(-3.0, 3.0)),
+            "lrpx epsilon_plus_flat": lrpx.convert(model, lrpx.composites.epsilon_plus_flat()),
+            "lrpx epsilon_alpha2_beta1": lrpx.convert(model, lrpx.composites.epsilon_alpha2_beta1()),
+        }
+        for batch in args.batch:
+            x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)
+            target = torch.arange(batch, device=device) % 1000
+            steps = {k: grad_step(m, x, target) for k, m in methods.items()}
+            if peers:
+                steps["zennit EpsilonGammaBox"] = zennit_step(model, x, target, name)
+            times = interleaved(steps, device, args.repeat)
+            base = times["input-gradient"]
+            for k, t in times.items():
+                mem = peak_memory(steps[k], device)
+                mem_txt = "-" if mem is None else f"{mem:.0f}"
+                print(f"| {name} | {batch} | {k} | {1000 * t:.1f} | {t / base:.2f} | {mem_txt} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
