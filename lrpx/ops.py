@@ -17,9 +17,15 @@ __all__ = ["LinearOps", "ConvOps", "DiagonalOps", "AvgPoolOps", "AdaptiveAvgPool
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _like(s: Tensor, shape: torch.Size) -> Tensor:
-    """A tensor of ``shape`` without memory, for kernels that only read an input's size."""
-    return s.new_empty(()).expand(shape)
+def _like(s: Tensor, input: Tensor | torch.Size) -> Tensor:
+    """The input itself, or a tensor of its shape without memory, for kernels that only
+    read the input's size (pass the real input where there is one: some kernels copy an
+    expanded tensor into contiguous memory)."""
+    return input if isinstance(input, Tensor) else s.new_empty(()).expand(input)
+
+
+def _shape(input: Tensor | torch.Size) -> torch.Size:
+    return input.shape if isinstance(input, Tensor) else torch.Size(input)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class LinearOps:
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(input, weight, bias)
 
-    def vjp(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+    def vjp(self, s: Tensor, weight: Tensor, input: Tensor | torch.Size) -> Tensor:
         return s.matmul(weight)
 
 
@@ -49,9 +55,9 @@ class ConvOps:
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return _CONV[self.dim](input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def vjp(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+    def vjp(self, s: Tensor, weight: Tensor, input: Tensor | torch.Size) -> Tensor:
         return torch.ops.aten.convolution_backward(
-            s, _like(s, input_shape), weight, None, list(self.stride), list(self.padding),
+            s, _like(s, input), weight, None, list(self.stride), list(self.padding),
             list(self.dilation), False, [0] * self.dim, self.groups, [True, False, False],
         )[0]
 
@@ -71,7 +77,7 @@ class DiagonalOps:
         out = input * self._view(weight, input.dim())
         return out if bias is None else out + self._view(bias, input.dim())
 
-    def vjp(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+    def vjp(self, s: Tensor, weight: Tensor, input: Tensor | torch.Size) -> Tensor:
         return s * self._view(weight, s.dim())
 
 
@@ -103,9 +109,10 @@ class AvgPoolOps:
         out = pool(_as_2d(input, self.dim), k, st, p, self.ceil_mode, self.count_include_pad, self.divisor_override)
         return out.squeeze(-2) if self.dim == 1 else out
 
-    def vjp(self, s: Tensor, weight: None, input_shape: torch.Size) -> Tensor:
+    def vjp(self, s: Tensor, weight: None, input: Tensor | torch.Size) -> Tensor:
         k, st, p = self._args()
-        shape = input_shape[:-1] + (1,) + input_shape[-1:] if self.dim == 1 else input_shape
+        shape = _shape(input)
+        shape = shape[:-1] + (1,) + shape[-1:] if self.dim == 1 else shape
         back = torch.ops.aten.avg_pool3d_backward if self.dim == 3 else torch.ops.aten.avg_pool2d_backward
         g = back(_as_2d(s, self.dim), _like(s, shape),
                  list(k), list(st), list(p), self.ceil_mode, self.count_include_pad, self.divisor_override)
@@ -124,10 +131,11 @@ class AdaptiveAvgPoolOps:
         pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[self.dim]
         return pool(input, self.output_size if self.dim > 1 else self.output_size[0])
 
-    def vjp(self, s: Tensor, weight: None, input_shape: torch.Size) -> Tensor:
+    def vjp(self, s: Tensor, weight: None, input: Tensor | torch.Size) -> Tensor:
         if self.dim == 3:
-            return torch.ops.aten._adaptive_avg_pool3d_backward(s, _like(s, input_shape))
-        shape = input_shape[:-1] + (1,) + input_shape[-1:] if self.dim == 1 else input_shape
+            return torch.ops.aten._adaptive_avg_pool3d_backward(s, _like(s, input))
+        shape = _shape(input)
+        shape = shape[:-1] + (1,) + shape[-1:] if self.dim == 1 else shape
         g = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(s, self.dim), _like(s, shape))
         return g.squeeze(-2) if self.dim == 1 else g
 
@@ -142,5 +150,5 @@ class ElementwiseOps:
     def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
         return self.function(input)
 
-    def vjp(self, s: Tensor, weight: None, input_shape: torch.Size) -> Tensor:  # pragma: no cover
+    def vjp(self, s: Tensor, weight: None, input: Tensor | torch.Size) -> Tensor:  # pragma: no cover
         raise NotImplementedError("element-wise layers take the Pass rule")

@@ -18,8 +18,9 @@ class Layer(Protocol):
     """The two primitives of a layer that a rule may call.
 
     ``forward(input, weight, bias)`` computes the layer with the given parameters and
-    ``vjp(s, weight, input_shape)`` the input vector-Jacobian product of the same layer
-    with weight ``weight``. Element-wise layers ignore the weight. ``channel_axis`` is the
+    ``vjp(s, weight, input)`` the input vector-Jacobian product of the same layer
+    with weight ``weight``; ``input`` is the layer input (only its shape is read) or a
+    shape. Element-wise layers ignore the weight. ``channel_axis`` is the
     axis of the output that the bias runs along (1 for Conv/BatchNorm, -1 for Linear).
     """
 
@@ -27,15 +28,18 @@ class Layer(Protocol):
 
     def forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor: ...
 
-    def vjp(self, s: Tensor, weight: Tensor | None, input_shape: torch.Size) -> Tensor: ...
+    def vjp(self, s: Tensor, weight: Tensor | None, input: Tensor | torch.Size) -> Tensor: ...
 
 
 def stabilize(z: Tensor, epsilon: float | Tensor) -> Tensor:
     r"""Move ``z`` away from zero: :math:`z + \epsilon\,\mathrm{sign}_0(z)`.
 
-    ``sign0(0) = +1``, so a zero denominator becomes ``epsilon`` and is never 0.
+    ``sign0(+0.0) = +1``, so a zero denominator becomes ``epsilon`` and is never 0 (a
+    negative zero ``-0.0`` takes ``-epsilon``, equally non-zero). Written as ``copysign``
+    plus an add: two memory passes, where a masked select costs several.
     """
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    e = torch.as_tensor(epsilon, dtype=z.dtype, device=z.device).expand_as(z)
+    return torch.copysign(e, z).add_(z)
 
 
 def positive(t: Tensor | None) -> Tensor | None:

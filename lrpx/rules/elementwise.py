@@ -45,4 +45,4 @@ class Norm(Rule):
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         s = relevance / stabilize(output, self.epsilon)
-        return input * layer.vjp(s, None, input.shape)
+        return input * layer.vjp(s, None, input)

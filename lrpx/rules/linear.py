@@ -81,7 +81,7 @@ class Epsilon(Rule):
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         s = relevance / stabilize(output, self._stabilizer(output))
-        return input * layer.vjp(s, weight, input.shape)
+        return input * layer.vjp(s, weight, input)
 
 
 class AlphaBeta(Rule):
@@ -117,12 +117,12 @@ class AlphaBeta(Rule):
         u = layer.forward(x, wp, None)
         s_p = relevance / stabilize(u + _bias_or_zero(layer, positive(bias), u), self.epsilon)
         if self.beta == 0:
-            return x * layer.vjp(self.alpha * s_p, wp, x.shape)
+            return x * layer.vjp(self.alpha * s_p, wp, x)
         v = _minus_bias(z, bias, layer) - u
         s_n = relevance / stabilize(v + _bias_or_zero(layer, negative(bias), v), self.epsilon)
         # alpha g(s_p; W+) - beta g(s_n; W-) with g(s; W-) = g(s; W) - g(s; W+)
-        out = layer.vjp(self.alpha * s_p + self.beta * s_n, wp, x.shape)
-        return x * (out - self.beta * layer.vjp(s_n, weight, x.shape))
+        out = layer.vjp(self.alpha * s_p + self.beta * s_n, wp, x)
+        return x * (out - self.beta * layer.vjp(s_n, weight, x))
 
     def _signed(self, layer, relevance, x, weight, bias):
         xp, xn = _split(x)
@@ -133,7 +133,7 @@ class AlphaBeta(Rule):
         z_p = pp + nn_ + _bias_or_zero(layer, positive(bias), pp)
         s_p = relevance / stabilize(z_p, self.epsilon)
         if self.beta == 0:
-            return self.alpha * (xp * layer.vjp(s_p, wp, x.shape) + xn * layer.vjp(s_p, wn, x.shape))
+            return self.alpha * (xp * layer.vjp(s_p, wp, x) + xn * layer.vjp(s_p, wn, x))
         z_n = np_ + pn + _bias_or_zero(layer, negative(bias), pp)
         s_n = relevance / stabilize(z_n, self.epsilon)
         stacked = torch.cat([self.alpha * s_p, self.beta * s_n])
@@ -192,9 +192,9 @@ class Gamma(Rule):
         z_n = z + g * (_minus_bias(z, bias, layer) - u + _bias_or_zero(layer, negative(bias), u))
         s_p = relevance * above / stabilize(z_p, self.epsilon)
         s_n = relevance * below / stabilize(z_n, self.epsilon)
-        d = layer.vjp(s_p - s_n, wp, x.shape)
+        d = layer.vjp(s_p - s_n, wp, x)
         if nonneg:
-            return x * (layer.vjp(s_p + (1 + g) * s_n, weight, x.shape) + g * d)
+            return x * (layer.vjp(s_p + (1 + g) * s_n, weight, x) + g * d)
         a, c = layer.vjp(torch.cat([s_p + (1 + g) * s_n, (1 + g) * s_p + s_n]), weight, _twice(x)).chunk(2)
         return x.clamp(min=0) * a + x.clamp(max=0) * c + g * x.abs() * d
 
@@ -240,7 +240,7 @@ class ZBox(Rule):
         )
         s = relevance / stabilize(z_b, self.epsilon)
         # x g(s; W) - l g(s; W+) - h g(s; W-) with g(s; W-) = g(s; W) - g(s; W+)
-        return (x - high) * layer.vjp(s, weight, x.shape) + (high - low) * layer.vjp(s, wp, x.shape)
+        return (x - high) * layer.vjp(s, weight, x) + (high - low) * layer.vjp(s, wp, x)
 
 
 def _bound(value: float | Tensor, x: Tensor) -> Tensor:
@@ -272,7 +272,7 @@ class Flat(Rule):
     def relevance(self, layer, relevance, input, weight, bias, output):
         ones_w = torch.ones_like(weight)
         z = layer.forward(torch.ones_like(input[:1]), ones_w, None)
-        return layer.vjp(relevance / stabilize(z, self.epsilon), ones_w, input.shape)
+        return layer.vjp(relevance / stabilize(z, self.epsilon), ones_w, input)
 
 
 class WSquare(Rule):
@@ -290,4 +290,4 @@ class WSquare(Rule):
     def relevance(self, layer, relevance, input, weight, bias, output):
         w2 = weight * weight
         z = layer.forward(torch.ones_like(input[:1]), w2, None if bias is None else bias * bias)
-        return layer.vjp(relevance / stabilize(z, self.epsilon), w2, input.shape)
+        return layer.vjp(relevance / stabilize(z, self.epsilon), w2, input)
