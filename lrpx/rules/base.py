@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "stabilize", "positive", "negative", "is_nonnegative", "sign_masks"]
+__all__ = ["Layer", "Rule", "stabilize", "positive", "negative", "is_nonnegative"]
 
 
 class Layer(Protocol):
@@ -55,13 +55,6 @@ def negative(t: Tensor | None) -> Tensor | None:
 def is_nonnegative(t: Tensor) -> bool:
     """Whether every entry is ``>= 0`` (inputs after a ReLU take the cheap forms)."""
     return bool(t.min() >= 0) if t.numel() else True
-
-
-def sign_masks(z: Tensor) -> tuple[Tensor, Tensor]:
-    """``([z > 0], [z < 0])`` as tensors of ``z``'s dtype, by arithmetic on ``sign(z)``."""
-    sign = torch.sign(z)
-    positive_mask = sign.clamp(min=0)
-    return positive_mask, positive_mask - sign
 
 
 class Rule:

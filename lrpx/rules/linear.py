@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Layer, Rule, is_nonnegative, negative, positive, sign_masks, stabilize
+from .base import Layer, Rule, is_nonnegative, negative, positive, stabilize
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
 
@@ -112,17 +112,18 @@ class AlphaBeta(Rule):
         return self._signed(layer, relevance, input, weight, bias)
 
     def _nonnegative(self, layer, relevance, x, weight, bias, z):
-        # x >= 0: W+ x is one extra forward, W- x = (z - b) - W+ x
+        # x >= 0: x+ = x, x- = 0. Both branches are computed directly (W- x as z - b - W+ x
+        # would cancel, and an empty branch would then amplify rounding noise by R / e)
         wp = positive(weight)
         u = layer.forward(x, wp, None)
         s_p = relevance / stabilize(u + _bias_or_zero(layer, positive(bias), u), self.epsilon)
+        out = layer.vjp(self.alpha * s_p, wp, x)
         if self.beta == 0:
-            return x * layer.vjp(self.alpha * s_p, wp, x)
-        v = _minus_bias(z, bias, layer) - u
+            return x * out
+        wn = negative(weight)
+        v = layer.forward(x, wn, None)
         s_n = relevance / stabilize(v + _bias_or_zero(layer, negative(bias), v), self.epsilon)
-        # alpha g(s_p; W+) - beta g(s_n; W-) with g(s; W-) = g(s; W) - g(s; W+)
-        out = layer.vjp(self.alpha * s_p + self.beta * s_n, wp, x)
-        return x * (out - self.beta * layer.vjp(s_n, weight, x))
+        return x * out.sub_(layer.vjp(self.beta * s_n, wn, x))
 
     def _signed(self, layer, relevance, x, weight, bias):
         xp, xn = _split(x)
@@ -187,15 +188,20 @@ class Gamma(Rule):
         else:
             xn = x.clamp(max=0)
             u = layer.forward(x.abs(), wp, None) + layer.forward(xn, weight, None)
-        above, below = sign_masks(z)
-        z_p = z + g * (u + _bias_or_zero(layer, positive(bias), u))
-        z_n = z + g * (_minus_bias(z, bias, layer) - u + _bias_or_zero(layer, negative(bias), u))
-        s_p = relevance * above / stabilize(z_p, self.epsilon)
-        s_n = relevance * below / stabilize(z_n, self.epsilon)
-        d = layer.vjp(s_p - s_n, wp, x)
-        if nonneg:
-            return x * (layer.vjp(s_p + (1 + g) * s_n, weight, x) + g * d)
-        a, c = layer.vjp(torch.cat([s_p + (1 + g) * s_n, (1 + g) * s_p + s_n]), weight, _twice(x)).chunk(2)
+        # z_p = z + g v and z_n = z + g (z - v) with v = u + b+ (as b - b- = b+); only one of
+        # them is used per output (by the sign of z), so one denominator serves both:
+        # zz = z + g (sign(z) v + min(z, 0)), s = R / stab(zz), s_p = [z > 0] s, s_n = [z < 0] s
+        v = u if bias is None else u + _bias_like(layer, positive(bias), u)
+        sign = torch.sign(z)
+        above = sign.clamp(min=0)
+        below = above - sign
+        zz = torch.add(z, torch.addcmul(z.clamp(max=0), sign, v), alpha=g)
+        s = relevance / stabilize(zz, self.epsilon)
+        d = layer.vjp(sign * s, wp, x)  # g(s_p - s_n; W+)
+        if nonneg:  # x [g(s_p + (1 + g) s_n; W) + g d]
+            return x * layer.vjp(s * torch.add(above, below, alpha=1 + g), weight, x).add_(d, alpha=g)
+        stacked = torch.cat([s * torch.add(above, below, alpha=1 + g), s * torch.add(below, above, alpha=1 + g)])
+        a, c = layer.vjp(stacked, weight, _twice(x)).chunk(2)
         return x.clamp(min=0) * a + x.clamp(max=0) * c + g * x.abs() * d
 
 
