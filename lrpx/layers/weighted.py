@@ -23,22 +23,20 @@ class LRPLinear(Twin, nn.Linear):
 
 
 class _ConvTwin(Twin):
-    def _ops_and_input(self, input: Tensor) -> tuple[ConvOps, Tensor]:
-        dim = len(self.kernel_size)
-        padding = self.padding
+    def forward(self, input: Tensor) -> Tensor:
+        dim, rule = len(self.kernel_size), self.rule
+        padding, pad, mode = self.padding, None, "zeros"
         if self.padding_mode != "zeros":
             # the padded tensor is the layer input; F.pad's gradient sums relevance back
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0,) * dim
+            pad, mode, padding = self._reversed_padding_repeated_twice, self.padding_mode, (0,) * dim
         elif isinstance(padding, str):
             padding, pad = _string_padding(padding, self.kernel_size, self.dilation)
-            if pad is not None:
-                input = F.pad(input, pad)
-        return ConvOps(dim, tuple(self.stride), tuple(padding), tuple(self.dilation), self.groups), input
-
-    def forward(self, input: Tensor) -> Tensor:
-        ops, input = self._ops_and_input(input)
-        return lrp_apply(ops, self.rule, input, self.weight, self.bias)
+        if pad is not None:
+            input = F.pad(input, pad, mode=mode if mode != "zeros" else "constant")
+            if hasattr(rule, "padded"):
+                rule = rule.padded(pad, mode)
+        ops = ConvOps(dim, tuple(self.stride), tuple(padding), tuple(self.dilation), self.groups)
+        return lrp_apply(ops, rule, input, self.weight, self.bias)
 
 
 def _string_padding(mode: str, kernel_size, dilation) -> tuple[tuple[int, ...], list[int] | None]:

@@ -7,6 +7,7 @@ No autograd graph is built here and no weight gradient is computed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Layer, Rule, is_nonnegative, negative, positive, stabilize
@@ -233,6 +234,15 @@ class ZBox(Rule):
         self.high = high if isinstance(high, Tensor) else float(high)
         self.epsilon = _check_nonnegative("epsilon", epsilon)
         self._freeze()
+
+    def padded(self, pad: list[int], mode: str) -> "ZBox":
+        """This rule for the padded input of a layer that pads before it applies (a Conv with
+        padding_mode reflect/replicate/circular): per-element bounds are padded alike."""
+        def grow(b):
+            if not isinstance(b, Tensor) or all(n == 1 for n in b.shape[2:]):
+                return b
+            return F.pad(b, pad, mode=mode if mode != "zeros" else "constant")
+        return ZBox(grow(self.low), grow(self.high), self.epsilon)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         x = input

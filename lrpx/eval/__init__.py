@@ -1,0 +1,52 @@
+"""Perturbation-based faithfulness evaluation: pixel flipping, fills, AUC / AOPC / SRG.
+
+>>> result = lrpx.eval.pixel_flipping(model, x, relevance, patch_size=8, schedule="quadratic",
+...                                   order=("morf", "lrf"), fill="inpaint")
+>>> result.auc("morf"), result.srg(), result.summary()
+"""
+
+from .fills import (
+    FILLS,
+    ChannelMean,
+    Constant,
+    Fill,
+    FunctionFill,
+    GaussianBlur,
+    Inpaint,
+    Road,
+    UniformNoise,
+    get_fills,
+)
+from .flipping import item_indices, number_of_calls, pixel_flipping
+from .order import ORDERS, SCHEDULES, region_relevance, removal_order, schedule_counts
+from .perturb import perturbed_inputs
+from .result import FlippingResult
+from .scores import SCORES, aopc, auc, mean_std, unit_step_auc
+
+__all__ = [
+    "FILLS",
+    "ORDERS",
+    "SCHEDULES",
+    "SCORES",
+    "ChannelMean",
+    "Constant",
+    "Fill",
+    "FlippingResult",
+    "FunctionFill",
+    "GaussianBlur",
+    "Inpaint",
+    "Road",
+    "UniformNoise",
+    "aopc",
+    "auc",
+    "get_fills",
+    "item_indices",
+    "mean_std",
+    "number_of_calls",
+    "perturbed_inputs",
+    "pixel_flipping",
+    "region_relevance",
+    "removal_order",
+    "schedule_counts",
+    "unit_step_auc",
+]

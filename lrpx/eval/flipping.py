@@ -1,0 +1,193 @@
+"""Pixel flipping / region perturbation, streamed through the model in chunks.
+
+Every (order, sample, step) input is independent: it is built lazily for its chunk
+(``mask = rank < n_k``, ``torch.where(mask, fill, x)``), the chunks of ``batch_size`` items go
+through the model under :func:`torch.inference_mode`, and the target scores are gathered. Step 0
+(the clean input) is shared by all orders. Items are ordered step-major, so the chunks of an
+iterative fill hold holes of similar size. Nothing leaves the input's device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .perturb import FillSpec, Normalizer, Perturbation, Schedule
+from .result import FlippingResult
+from .scores import as_score
+
+
+def pixel_flipping(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    relevance: Tensor,
+    target: int | Sequence[int] | Tensor | None = None,
+    *,
+    patch_size: int = 1,
+    steps: int | None = None,
+    schedule: Schedule = "linear",
+    order: str | Sequence[str] = "morf",
+    fill: FillSpec = "random",
+    score: str | Callable[[Tensor, Tensor], Tensor] = "logit",
+    reduce: str = "sum",
+    normalizer: Normalizer | None = None,
+    pixel_range: tuple[float, float] | None = None,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> FlippingResult:
+    """Remove regions in relevance order and track the target score (pixel flipping).
+
+    Regions of ``patch_size x patch_size`` pixels (smaller at the right and bottom border when
+    the image size is not a multiple) are ranked by their relevance, summed over channels and
+    pixels. After step ``k`` the first ``n_k`` regions of the order are replaced by the fill
+    (cumulative masks; pixels outside the mask keep their exact input values) and the model's
+    score of the fixed target class is recorded (Samek et al. 2017).
+
+    Parameters
+    ----------
+    model
+        Classifier mapping ``(N, C, H, W)`` to ``(N, classes)``; should be in eval mode.
+    x
+        ``(B, C, H, W)`` inputs in model-input space. Not modified.
+    relevance
+        ``(B, C, H, W)``, ``(B, 1, H, W)`` or ``(B, H, W)`` attribution. Not modified.
+    target
+        Class per sample (an int for all); ``None``: the argmax on the clean input.
+    patch_size
+        Region side; 1 is pixel flipping, more is region perturbation.
+    steps
+        Number of steps ``T`` (see :func:`~lrpx.eval.order.schedule_counts` for defaults).
+    schedule
+        ``"linear"``, ``"quadratic"`` (step ``k`` removes ``2k - 1`` regions), ``"log"``, or
+        explicit cumulative counts (ints) or fractions (floats in ``(0, 1]``).
+    order
+        ``"morf"``, ``"lrf"``, ``"random"``, or several of them.
+    fill
+        ``"random"``, ``"inpaint"``, ``"road"``, ``"constant"`` (pixel-range midpoint),
+        ``"mean"``, ``"blur"``, a number or tensor (model-input space), a
+        :class:`~lrpx.eval.fills.Fill`, or a callable ``fill(x, mask) -> values``.
+    score
+        ``"logit"``, ``"softmax"``, or a callable ``score(output, target) -> (N,)``.
+    reduce
+        Region relevance ``"sum"`` (default) or ``"mean"`` over its pixels.
+    normalizer
+        ``(mean, std)`` per channel, or ``(to_pixel, from_pixel)`` functions: the map between
+        model-input and pixel space, where the named fills work. ``None``: the same space.
+    pixel_range
+        ``(low, high)`` of pixel values for ``random`` and ``constant``; ``None``: the
+        per-sample minimum and maximum of the image.
+    batch_size
+        Items per model call.
+    generator
+        Source of the random order, noise and ROAD noise (on ``x``'s device).
+    progress
+        Show a ``tqdm`` progress bar over the chunks.
+
+    Returns
+    -------
+    FlippingResult
+        Curves ``(orders, B, T + 1)``, the step counts and fractions, the target, and the
+        AUC / AOPC / SRG methods.
+    """
+    score_name, score_fn = as_score(score)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    targets = _check_target(target, x)
+    _warn_if_training(model)
+    plan = Perturbation(x, relevance, patch_size=patch_size, steps=steps, schedule=schedule,
+                        orders=order, fill=fill, reduce=reduce, normalizer=normalizer,
+                        pixel_range=pixel_range, generator=generator)
+    with torch.inference_mode():
+        curves, targets = _stream(model, plan, targets, score_fn, batch_size, progress)
+    return FlippingResult(
+        curves=curves.clone(), counts=torch.tensor(plan.counts), num_regions=plan.num_regions,
+        orders=plan.orders, target=targets.clone(), score=score_name, fill=repr(plan.fill),
+        patch_size=patch_size, ranks=plan.ranks.clone(), size=tuple(x.shape[-2:]),
+    )
+
+
+def item_indices(batch: int, orders: int, steps: int, device=None) -> tuple[Tensor, ...]:
+    """Step-major ``(order, sample, step)`` indices of all items; step 0 once per sample.
+
+    Returns
+    -------
+    tuple of Tensor
+        Three ``(B * (1 + orders * steps),)`` int64 tensors.
+    """
+    per_step = orders * batch
+    step = torch.arange(1, steps + 1, device=device).repeat_interleave(per_step)
+    order = torch.arange(orders, device=device).repeat_interleave(batch).repeat(steps)
+    sample = torch.arange(batch, device=device).repeat(orders * steps)
+    first = torch.arange(batch, device=device)
+    zeros = torch.zeros_like(first)
+    return torch.cat([zeros, order]), torch.cat([first, sample]), torch.cat([zeros, step])
+
+
+def _stream(model, plan: Perturbation, targets: Tensor | None, score_fn, batch_size: int,
+            progress: bool) -> tuple[Tensor, Tensor]:
+    batch, device = plan.x.shape[0], plan.x.device
+    order, sample, step = item_indices(batch, len(plan.orders), len(plan.counts) - 1, device)
+    scores = torch.empty(order.numel(), dtype=torch.float64, device=device)
+    known = targets if targets is not None else torch.zeros(batch, dtype=torch.long, device=device)
+    chunks = range(0, order.numel(), batch_size)
+    for start in tqdm(chunks, disable=not progress, desc="pixel flipping", unit="batch"):
+        part = slice(start, start + batch_size)
+        inputs, _ = plan(order[part], sample[part], step[part])
+        output = model(inputs)
+        if targets is None:
+            clean = step[part] == 0
+            known[sample[part][clean]] = output[clean].argmax(dim=1)
+        _check_target_range(known, output)
+        scores[part] = score_fn(output, known[sample[part]]).double()
+    curves = torch.empty(len(plan.orders), batch, len(plan.counts), dtype=torch.float64,
+                         device=device)
+    curves[order, sample, step] = scores
+    curves[:, :, 0] = scores[:batch]
+    return curves, known
+
+
+def _check_target(target, x: Tensor) -> Tensor | None:
+    if target is None:
+        return None
+    batch = x.shape[0]
+    target = torch.as_tensor(target, device=x.device)
+    if target.is_floating_point() or target.dim() > 1:
+        raise ValueError(f"target must be an int or {batch} ints, got {target!r}")
+    target = target.long().expand(batch) if target.dim() == 0 else target.long()
+    if target.shape != (batch,):
+        raise ValueError(f"target must be an int or {batch} ints (one per sample), got "
+                         f"{target.numel()}")
+    if bool((target < 0).any()):
+        raise ValueError(f"target must be non-negative class indices, got {target.tolist()}")
+    return target.clone()
+
+
+def _check_target_range(target: Tensor, output: Tensor) -> None:
+    if output.dim() != 2:
+        raise ValueError(f"model output must be (N, classes), got shape {tuple(output.shape)}")
+    if bool((target >= output.shape[1]).any()):
+        raise ValueError(
+            f"target out of range: the model has {output.shape[1]} classes, got "
+            f"{target.tolist()}"
+        )
+
+
+def _warn_if_training(model) -> None:
+    if isinstance(model, torch.nn.Module) and model.training:
+        warnings.warn(
+            "model is in training mode: dropout and batch-norm statistics make the scores "
+            "depend on the batch; call model.eval() first",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def number_of_calls(batch: int, orders: int, steps: int, batch_size: int) -> int:
+    """Model calls :func:`pixel_flipping` makes: ``ceil(B (1 + orders T) / batch_size)``."""
+    return math.ceil(batch * (1 + orders * steps) / batch_size)
