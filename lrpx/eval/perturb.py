@@ -35,8 +35,8 @@ class Perturbation:
                  generator: torch.Generator | None):
         _check_images(x, relevance, patch_size, generator)
         self.orders = _check_orders(orders)
-        self.x, self.patch_size, self.fill = x, patch_size, as_fill(fill)
-        regions = region_relevance(relevance.to(x.device), patch_size, reduce=reduce)
+        self.x, self.patch_size, self.fill = x.detach(), patch_size, as_fill(fill)
+        regions = region_relevance(relevance.detach().to(x.device), patch_size, reduce=reduce)
         self.num_regions = regions[0].numel()
         self.counts = schedule_counts(schedule, self.num_regions, steps)
         self._counts = torch.tensor(self.counts, device=x.device)
@@ -46,8 +46,8 @@ class Perturbation:
 
     def __call__(self, order: Tensor, sample: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
         """Perturbed inputs ``(N, C, H, W)`` and masks ``(N, 1, H, W)`` of index tensors."""
-        mask = pixel_mask(self.ranks[order, sample], self._counts[step], patch_size=self.patch_size,
-                          size=tuple(self.x.shape[-2:]))
+        rank, count = self.ranks[order, sample], self._counts[step]
+        mask = pixel_mask(rank, count, patch_size=self.patch_size, size=tuple(self.x.shape[-2:]))
         return torch.where(mask, self._values(sample, mask), self.x[sample]), mask
 
     def _prepare_fill(self, normalizer, pixel_range, generator) -> None:

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..rules.base import Rule, stabilize
+from ..rules.base import Rule, divide
 from ..rules.elementwise import Norm
 
 __all__ = ["Add"]
@@ -28,7 +28,7 @@ class _AddFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, relevance: Tensor):
         output, *operands = ctx.saved_tensors
-        s = relevance / stabilize(output, ctx.epsilon)
+        s = divide(relevance, output, ctx.epsilon)
         return (None, *((t * s).sum_to_size(t.shape) for t in operands))
 
 

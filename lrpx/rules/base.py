@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "stabilize", "positive", "negative", "is_nonnegative"]
+__all__ = ["Layer", "Rule", "stabilize", "divide", "positive", "negative", "is_nonnegative"]
 
 
 class Layer(Protocol):
@@ -40,6 +40,14 @@ def stabilize(z: Tensor, epsilon: float | Tensor) -> Tensor:
     """
     e = torch.as_tensor(epsilon, dtype=z.dtype, device=z.device).expand_as(z)
     return torch.copysign(e, z).add_(z)
+
+
+def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor) -> Tensor:
+    """``relevance / stabilize(z, epsilon)``, written into the denominator's buffer."""
+    den = stabilize(z, epsilon)
+    if den.shape != relevance.shape:  # a denominator shared by the batch (Flat, WSquare)
+        return relevance / den
+    return torch.div(relevance, den, out=den)
 
 
 def positive(t: Tensor | None) -> Tensor | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Rule, stabilize
+from .base import Rule, divide
 
 __all__ = ["Pass", "Norm"]
 
@@ -44,5 +44,4 @@ class Norm(Rule):
         self._freeze()
 
     def relevance(self, layer, relevance, input, weight, bias, output):
-        s = relevance / stabilize(output, self.epsilon)
-        return input * layer.vjp(s, None, input)
+        return layer.vjp(divide(relevance, output, self.epsilon), None, input).mul_(input)

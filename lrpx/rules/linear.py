@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Layer, Rule, is_nonnegative, negative, positive, stabilize
+from .base import Layer, Rule, divide, is_nonnegative, negative, positive, stabilize
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
 
@@ -81,8 +81,8 @@ class Epsilon(Rule):
         return self.epsilon * rms.view((-1,) + (1,) * (z.dim() - 1))
 
     def relevance(self, layer, relevance, input, weight, bias, output):
-        s = relevance / stabilize(output, self._stabilizer(output))
-        return input * layer.vjp(s, weight, input)
+        s = divide(relevance, output, self._stabilizer(output))
+        return layer.vjp(s, weight, input).mul_(input)
 
 
 class AlphaBeta(Rule):
@@ -117,14 +117,14 @@ class AlphaBeta(Rule):
         # would cancel, and an empty branch would then amplify rounding noise by R / e)
         wp = positive(weight)
         u = layer.forward(x, wp, None)
-        s_p = relevance / stabilize(u + _bias_or_zero(layer, positive(bias), u), self.epsilon)
-        out = layer.vjp(self.alpha * s_p, wp, x)
+        s_p = divide(relevance, u + _bias_or_zero(layer, positive(bias), u), self.epsilon)
+        out = layer.vjp(s_p.mul_(self.alpha) if self.alpha != 1 else s_p, wp, x)
         if self.beta == 0:
-            return x * out
+            return out.mul_(x)
         wn = negative(weight)
         v = layer.forward(x, wn, None)
-        s_n = relevance / stabilize(v + _bias_or_zero(layer, negative(bias), v), self.epsilon)
-        return x * out.sub_(layer.vjp(self.beta * s_n, wn, x))
+        s_n = divide(relevance, v + _bias_or_zero(layer, negative(bias), v), self.epsilon)
+        return out.sub_(layer.vjp(s_n.mul_(self.beta), wn, x)).mul_(x)
 
     def _signed(self, layer, relevance, x, weight, bias):
         xp, xn = _split(x)
@@ -197,10 +197,10 @@ class Gamma(Rule):
         above = sign.clamp(min=0)
         below = above - sign
         zz = torch.add(z, torch.addcmul(z.clamp(max=0), sign, v), alpha=g)
-        s = relevance / stabilize(zz, self.epsilon)
+        s = divide(relevance, zz, self.epsilon)
         d = layer.vjp(sign * s, wp, x)  # g(s_p - s_n; W+)
         if nonneg:  # x [g(s_p + (1 + g) s_n; W) + g d]
-            return x * layer.vjp(s * torch.add(above, below, alpha=1 + g), weight, x).add_(d, alpha=g)
+            return layer.vjp(s * torch.add(above, below, alpha=1 + g), weight, x).add_(d, alpha=g).mul_(x)
         stacked = torch.cat([s * torch.add(above, below, alpha=1 + g), s * torch.add(below, above, alpha=1 + g)])
         a, c = layer.vjp(stacked, weight, _twice(x)).chunk(2)
         return x.clamp(min=0) * a + x.clamp(max=0) * c + g * x.abs() * d
@@ -254,7 +254,7 @@ class ZBox(Rule):
             - layer.forward(low, wp, None)
             - layer.forward(high, weight - wp, None)
         )
-        s = relevance / stabilize(z_b, self.epsilon)
+        s = divide(relevance, z_b, self.epsilon)
         # x g(s; W) - l g(s; W+) - h g(s; W-) with g(s; W-) = g(s; W) - g(s; W+)
         return (x - high) * layer.vjp(s, weight, x) + (high - low) * layer.vjp(s, wp, x)
 
@@ -288,7 +288,7 @@ class Flat(Rule):
     def relevance(self, layer, relevance, input, weight, bias, output):
         ones_w = torch.ones_like(weight)
         z = layer.forward(torch.ones_like(input[:1]), ones_w, None)
-        return layer.vjp(relevance / stabilize(z, self.epsilon), ones_w, input)
+        return layer.vjp(divide(relevance, z, self.epsilon), ones_w, input)
 
 
 class WSquare(Rule):
@@ -306,4 +306,4 @@ class WSquare(Rule):
     def relevance(self, layer, relevance, input, weight, bias, output):
         w2 = weight * weight
         z = layer.forward(torch.ones_like(input[:1]), w2, None if bias is None else bias * bias)
-        return layer.vjp(relevance / stabilize(z, self.epsilon), w2, input)
+        return layer.vjp(divide(relevance, z, self.epsilon), w2, input)
