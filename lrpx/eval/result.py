@@ -10,7 +10,7 @@ from . import scores as _scores
 from .order import pixel_mask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FlippingResult:
     """Perturbation curves and what is needed to read them.
 
