@@ -3,7 +3,7 @@
 >>> lrp_model = lrpx.convert(model, lrpx.composites.epsilon_gamma_box(low=-3.0, high=3.0))
 >>> relevance, output = lrpx.explain(lrp_model, x, target)
 """
-from . import composites, layers, rules
+from . import composites, eval, layers, rules  # noqa: A004 (lrpx.eval, the subpackage)
 from .canonizers import TraceError, canonize, fold_batchnorm
 from .composites import Composite
 from .convert import UnsupportedModuleError, convert, rule_table
@@ -11,4 +11,4 @@ from .explain import Explanation, explain
 
 __version__ = "0.1.0"
 __all__ = ["convert", "explain", "Explanation", "Composite", "rule_table", "canonize", "fold_batchnorm",
-           "composites", "layers", "rules", "TraceError", "UnsupportedModuleError"]
+           "composites", "eval", "layers", "rules", "TraceError", "UnsupportedModuleError"]
