@@ -33,14 +33,7 @@ DT = torch.float64
 TINY = 1e-12  # "LRP-0": a stabilizer far below every denominator here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, and
-    stalls badly when the other core is busy. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_net() -> nn.Sequential:

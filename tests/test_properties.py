@@ -39,14 +39,7 @@ AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPoo
 LOW, HIGH = -1.5 * SCALE, 1.5 * SCALE  # ZBox bounds around the "box" inputs in [-SCALE, SCALE]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, and
-    stalls badly when the other core is busy. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def targets_of(model, x):

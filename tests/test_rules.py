@@ -31,14 +31,7 @@ BATCH = 2
 RTOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, and
-    stalls badly when the other core is busy. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_relevance_close(actual, expected):

@@ -1,14 +1,8 @@
-"""Fixtures of the lrpx.eval tests."""
+"""The lrpx.eval tests work on tiny images: one intra-op thread for all of them."""
 
 import pytest
-import torch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one thread: the images here are tiny, and on a busy machine the thread pool's
-    start-up per operation costs more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="module")
+def _eval_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
