@@ -89,6 +89,9 @@ def twin(module: nn.Module, rule: Rule) -> nn.Module:
 
     The lookup is by exact type: a subclass of a torch layer is not silently replaced.
     """
+    if type(module) in _TWINS and _TWINS[type(module)] is None:
+        raise TypeError(f"{type(module).__name__} takes no rule: convert keeps it as it is, since its plain "
+                        "gradient already routes relevance")
     cls = _TWINS.get(type(module))
     if cls is None:
         raise TypeError(
