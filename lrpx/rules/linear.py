@@ -192,18 +192,19 @@ class Gamma(Rule):
         # z_p = z + g v and z_n = z + g (z - v) with v = u + b+ (as b - b- = b+); only one of
         # them is used per output (by the sign of z), so one denominator serves both:
         # zz = z + g (sign(z) v + min(z, 0)), s = R / stab(zz), s_p = [z > 0] s, s_n = [z < 0] s
-        v = u if bias is None else u + _bias_like(layer, positive(bias), u)
+        v = u if bias is None else u.add_(_bias_like(layer, positive(bias), u))
         sign = torch.sign(z)
-        above = sign.clamp(min=0)
-        below = above - sign
-        zz = torch.add(z, torch.addcmul(z.clamp(max=0), sign, v), alpha=g)
-        s = divide(relevance, zz, self.epsilon)
-        d = layer.vjp(sign * s, wp, x)  # g(s_p - s_n; W+)
+        t = torch.addcmul(z.clamp(max=0), sign, v)
+        s = divide(relevance, torch.add(z, t, alpha=g, out=t), self.epsilon)
+        a = s.mul_(sign)  # s_p - s_n
+        d = layer.vjp(a, wp, x)
+        # s_p + (1 + g) s_n = a ((1 + g/2) sign - g/2), (1 + g) s_p + s_n = a ((1 + g/2) sign + g/2)
         if nonneg:  # x [g(s_p + (1 + g) s_n; W) + g d]
-            return layer.vjp(s * torch.add(above, below, alpha=1 + g), weight, x).add_(d, alpha=g).mul_(x)
-        stacked = torch.cat([s * torch.add(above, below, alpha=1 + g), s * torch.add(below, above, alpha=1 + g)])
-        a, c = layer.vjp(stacked, weight, _twice(x)).chunk(2)
-        return x.clamp(min=0) * a + x.clamp(max=0) * c + g * x.abs() * d
+            return layer.vjp(sign.mul_(1 + g / 2).sub_(g / 2).mul_(a), weight, x).add_(d, alpha=g).mul_(x)
+        k = sign.mul_(1 + g / 2)
+        stacked = torch.cat([(k - g / 2).mul_(a), (k + g / 2).mul_(a)])
+        p, n = layer.vjp(stacked, weight, _twice(x)).chunk(2)
+        return x.clamp(min=0) * p + x.clamp(max=0) * n + g * x.abs() * d
 
 
 class ZBox(Rule):
