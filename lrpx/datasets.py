@@ -7,7 +7,7 @@ its class, so an explanation can be scored against ground truth
 (:func:`relevance_mass_accuracy`, :func:`relevance_rank_accuracy`; Arras et al. 2022).
 
 >>> data = make_shapes(16, seed=0)                   # images in [0, 1], labels, masks
->>> model = load_model("vgg")                       # trained on first use, then cached
+>>> model, info = load_model("vgg")                 # trained on first use, then cached
 >>> low, high = zbox_bounds()                       # for epsilon_gamma_box(low, high)
 >>> model(normalize(data.images)).argmax(1)
 """
@@ -19,6 +19,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["CLASSES", "MEAN", "STD", "Shapes", "make_shapes", "shapes_split", "normalize", "denormalize",
            "zbox_bounds", "ShapesVGG", "ShapesResNet", "MODELS", "TrainConfig", "train_model", "load_model",
-           "cache_dir", "accuracy", "relevance_mass_accuracy", "relevance_rank_accuracy"]
+           "cache_dir", "accuracy", "num_threads", "relevance_mass_accuracy", "relevance_rank_accuracy"]
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 #: per-channel normalisation of the models' input: ``(pixel - MEAN) / STD``
@@ -66,7 +68,7 @@ class Shapes:
 
 
 def make_shapes(n: int, *, seed: int = 0, size: int = 64) -> Shapes:
-    """Generate ``n`` images of the shapes task, the same for the same ``seed`` and ``size``.
+    """Generate ``n`` images of the shapes task, the same for the same ``n``, ``seed`` and ``size``.
 
     Parameters
     ----------
@@ -191,7 +193,7 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
 
 
 class ShapesVGG(nn.Sequential):
-    """A small VGG: four Conv-BatchNorm-ReLU stages with max pooling, then a two-layer classifier.
+    """A small VGG: four Conv-BatchNorm-ReLU stages with max pooling, global pooling, a linear classifier.
 
     Parameters
     ----------
@@ -207,8 +209,7 @@ class ShapesVGG(nn.Sequential):
                     *_conv_bn(w, 2 * w), nn.ReLU(), nn.MaxPool2d(2),
                     *_conv_bn(2 * w, 4 * w), nn.ReLU(), nn.MaxPool2d(2),
                     *_conv_bn(4 * w, 4 * w), nn.ReLU()]
-        classifier = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 4 * w), nn.ReLU(),
-                      nn.Dropout(0.2), nn.Linear(4 * w, num_classes)]
+        classifier = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * w, num_classes)]
         super().__init__(nn.Sequential(*features), nn.Sequential(*classifier))
 
 
@@ -220,7 +221,7 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = _conv_bn(cin, cout, stride)
         self.relu1 = nn.ReLU()
         self.conv2, self.bn2 = _conv_bn(cout, cout)
-        self.shortcut = nn.Sequential()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
         self.relu2 = nn.ReLU()
@@ -302,11 +303,22 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model '{name}'; valid: {', '.join(MODELS)}")
 
 
-def train_model(name: str, config: TrainConfig = TrainConfig(), *, progress: bool = True
+def train_model(name: str, config: TrainConfig = TrainConfig(), *, progress: bool = True, threads: int | None = 1
                 ) -> tuple[nn.Module, dict]:
     """Train model ``name`` (``"vgg"`` or ``"resnet"``) on the train split.
 
-    Uses two CPU threads at most while training (the setting is restored afterwards).
+    Parameters
+    ----------
+    name
+        ``"vgg"`` or ``"resnet"``.
+    config
+        Training settings.
+    progress
+        Show a progress bar.
+    threads
+        CPU threads while training (restored afterwards); ``None`` keeps torch's setting. One
+        thread is the default: these small layers gain little from a second one, and on a
+        machine whose other cores are busy, waiting threads make training many times slower.
 
     Returns
     -------
@@ -316,17 +328,26 @@ def train_model(name: str, config: TrainConfig = TrainConfig(), *, progress: boo
         ``accuracy`` on the test split, ``train_seconds``, ``config``.
     """
     _check_name(name)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    try:
+    with num_threads(threads):
         start = time.perf_counter()
         model = _fit(name, config, progress)
         seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
-    test = shapes_split("test", config.test_size)
-    info = {"accuracy": accuracy(model, test), "train_seconds": round(seconds, 1), "config": dict(config.__dict__)}
+        test = shapes_split("test", config.test_size)
+        info = {"accuracy": accuracy(model, test), "train_seconds": round(seconds, 1),
+                "config": dict(config.__dict__)}
     return model, info
+
+
+@contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``None``: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fit(name: str, config: TrainConfig, progress: bool) -> nn.Module:
@@ -353,7 +374,7 @@ def _fit(name: str, config: TrainConfig, progress: bool) -> nn.Module:
 
 
 def _augment(x: Tensor, g: torch.Generator) -> Tensor:
-    """Random horizontal flips (every class is symmetric under them up to rotation)."""
+    """Random horizontal flips (the classes are closed under them, up to rotation)."""
     flip = torch.rand(x.shape[0], generator=g) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
@@ -369,7 +390,7 @@ def accuracy(model: nn.Module, data: Shapes, *, batch_size: int = 256) -> float:
 
 
 def load_model(name: str, config: TrainConfig = TrainConfig(), *, train: bool = True, progress: bool = True,
-               retrain: bool = False) -> tuple[nn.Module, dict]:
+               retrain: bool = False, threads: int | None = 1) -> tuple[nn.Module, dict]:
     """Model ``name`` trained with ``config``: from the cache, or trained now and cached.
 
     Parameters
@@ -384,6 +405,8 @@ def load_model(name: str, config: TrainConfig = TrainConfig(), *, train: bool = 
         Show a progress bar while training.
     retrain
         Train even when cached weights exist (and replace them).
+    threads
+        CPU threads while training (see :func:`train_model`).
 
     Returns
     -------
@@ -401,7 +424,7 @@ def load_model(name: str, config: TrainConfig = TrainConfig(), *, train: bool = 
             return loaded[0], {**loaded[1], "path": str(path), "cached": True}
     if not train:
         raise FileNotFoundError(f"no cached weights for '{name}' at {path}")
-    model, info = train_model(name, config, progress=progress)
+    model, info = train_model(name, config, progress=progress, threads=threads)
     _save(path, model, info)
     return model, {**info, "path": str(path), "cached": False}
 

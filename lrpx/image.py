@@ -76,8 +76,8 @@ def scale_relevance(relevance: Tensor, *, percentile: float = 100.0, gamma: floa
 def colorize(values: Tensor) -> Tensor:
     """Map values in ``[-1, 1]`` of shape ``(B, H, W)`` to RGB ``(B, 3, H, W)`` in ``[0, 1]``."""
     v = values.float().clamp(-1, 1)
-    stops = torch.tensor([s for s, _ in COLOURS])
-    colours = torch.tensor([c for _, c in COLOURS])
+    stops = torch.tensor([s for s, _ in COLOURS], device=v.device)
+    colours = torch.tensor([c for _, c in COLOURS], device=v.device)
     magnitude = v.abs()
     upper = torch.searchsorted(stops, magnitude.contiguous(), right=False).clamp(1, len(stops) - 1)
     lo, hi = stops[upper - 1], stops[upper]
@@ -144,7 +144,8 @@ def mask_outline(images: Tensor, masks: Tensor, *, colour: tuple[float, float, f
 
 def to_pil(image: Tensor, *, scale: int = 1) -> Image.Image:
     """A ``(3, H, W)`` or ``(H, W)`` tensor in ``[0, 1]`` as a Pillow RGB image, enlarged ``scale`` times."""
-    if not isinstance(image, Tensor) or image.dim() not in (2, 3) or (image.dim() == 3 and image.shape[0] not in (1, 3)):
+    shape_ok = isinstance(image, Tensor) and (image.dim() == 2 or (image.dim() == 3 and image.shape[0] in (1, 3)))
+    if not shape_ok:
         raise ValueError(f"image must be a (3, H, W), (1, H, W) or (H, W) tensor, got {_describe(image)}")
     image = image.detach().float().cpu()
     image = (image if image.dim() == 3 else image.unsqueeze(0)).expand(3, -1, -1)
