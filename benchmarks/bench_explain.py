@@ -64,18 +64,24 @@ def grad_step(model, x, target):
 
 
 def zennit_step(model, x, target, name):
+    """zennit's EpsilonGammaBox with its canonizers, registered once on a private copy (zennit
+    attaches hooks to the model it is given), then called per explanation."""
+    import copy
+
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonGammaBox
     from zennit.torchvision import ResNetCanonizer, SequentialMergeBatchNorm
 
     canon = [ResNetCanonizer()] if name.startswith("resnet") else [SequentialMergeBatchNorm()]
     composite = EpsilonGammaBox(low=-3.0, high=3.0, canonizers=canon)
+    own = copy.deepcopy(model)
     n = model(x[:1]).shape[1]
     onehot = torch.eye(n, device=x.device, dtype=x.dtype)[target]
+    attributor = Gradient(own, composite)
+    attributor.__enter__()  # kept registered for the rest of the run
 
     def run():
-        with Gradient(model, composite) as attributor:
-            out, rel = attributor(x, lambda o: o * onehot)
+        out, rel = attributor(x, lambda o: o * onehot)
         return rel
     return run
 
