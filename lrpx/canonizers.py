@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .layers import BATCHNORMS, CONVOLUTIONS, Add
+from .layers import Add
 
 __all__ = ["canonize", "fold_batchnorm", "out_of_place", "rewrite_functional", "TraceError"]
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["CLASSES", "MEAN", "STD", "Shapes", "make_shapes", "shapes_split", "normalize", "denormalize",
            "zbox_bounds", "ShapesVGG", "ShapesResNet", "MODELS", "TrainConfig", "train_model", "load_model",
-           "cache_dir", "accuracy", "num_threads", "relevance_mass_accuracy", "relevance_rank_accuracy"]
+           "cache_dir", "accuracy", "num_threads"]
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 #: per-channel normalisation of the models' input: ``(pixel - MEAN) / STD``
@@ -446,68 +446,3 @@ def _save(path: Path, model: nn.Module, info: dict) -> None:
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     torch.save({"state_dict": model.state_dict(), "info": json.dumps(info)}, partial)
     os.replace(partial, path)  # atomic: a concurrent reader sees the old file or the new one
-
-
-def _positive_map(relevance: Tensor) -> Tensor:
-    """Channel sum ``(B, H, W)`` of a ``(B, C, H, W)`` / ``(B, 1, H, W)`` / ``(B, H, W)`` relevance."""
-    return relevance.sum(1) if relevance.dim() == 4 else relevance
-
-
-def _mask_map(mask: Tensor, like: Tensor) -> Tensor:
-    mask = mask[:, 0] if mask.dim() == 4 else mask
-    if mask.shape != like.shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the relevance map {tuple(like.shape)}")
-    return mask.to(device=like.device, dtype=torch.bool)
-
-
-def relevance_mass_accuracy(relevance: Tensor, mask: Tensor) -> Tensor:
-    r"""Share of the positive relevance that falls inside the mask (Arras et al. 2022).
-
-    .. math:: \mathrm{RMA} = \frac{\sum_{p \in M} \max(0, R_p)}{\sum_p \max(0, R_p)}
-
-    with :math:`R_p` the relevance of pixel :math:`p` summed over channels.
-
-    Parameters
-    ----------
-    relevance
-        ``(B, C, H, W)``, ``(B, 1, H, W)`` or ``(B, H, W)``.
-    mask
-        ``(B, 1, H, W)`` or ``(B, H, W)`` bool ground truth.
-
-    Returns
-    -------
-    Tensor
-        ``(B,)`` float64 in ``[0, 1]``; 0 for a sample without positive relevance.
-    """
-    heat = _positive_map(relevance).double()
-    inside = _mask_map(mask, heat)
-    positive = heat.clamp_min(0).flatten(1)
-    total = positive.sum(1)
-    return torch.where(total > 0, (positive * inside.flatten(1)).sum(1) / total.clamp_min(1e-300), 0.0)
-
-
-def relevance_rank_accuracy(relevance: Tensor, mask: Tensor) -> Tensor:
-    r"""Share of the ``K = |M|`` most relevant pixels that lie in the mask (Arras et al. 2022).
-
-    Pixels are ranked by their relevance summed over channels; ties go to the earlier pixel in
-    raster order.
-
-    Parameters
-    ----------
-    relevance
-        ``(B, C, H, W)``, ``(B, 1, H, W)`` or ``(B, H, W)``.
-    mask
-        ``(B, 1, H, W)`` or ``(B, H, W)`` bool ground truth.
-
-    Returns
-    -------
-    Tensor
-        ``(B,)`` float64 in ``[0, 1]``; 0 for an empty mask.
-    """
-    heat = _positive_map(relevance).double().flatten(1)
-    inside = _mask_map(mask, _positive_map(relevance)).flatten(1)
-    order = torch.sort(heat, dim=1, descending=True, stable=True).indices
-    size = inside.sum(1, keepdim=True)
-    top = torch.arange(heat.shape[1], device=heat.device).view(1, -1) < size
-    hits = (inside.gather(1, order) & top).sum(1)
-    return hits.double() / size.squeeze(1).clamp_min(1).double()

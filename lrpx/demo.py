@@ -23,7 +23,7 @@ from . import __version__, composites
 from . import datasets as ds
 from . import image
 from .convert import convert
-from .eval import pixel_flipping
+from .eval import pixel_flipping, relevance_mass_accuracy, relevance_rank_accuracy
 from .eval.result import FlippingResult
 from .eval.scores import mean_std
 from .explain import explain
@@ -197,8 +197,8 @@ def _evaluate(model: nn.Module, name: str, info: dict, data: ds.Shapes, options:
 
 
 def _ground_truth(relevance: Tensor, masks: Tensor) -> dict[str, Tensor]:
-    return {"rma": ds.relevance_mass_accuracy(relevance, masks).cpu(),
-            "rra": ds.relevance_rank_accuracy(relevance, masks).cpu()}
+    return {"rma": relevance_mass_accuracy(relevance, masks).cpu(),
+            "rra": relevance_rank_accuracy(relevance, masks).cpu()}
 
 
 def _flip_all(model, x, target, relevances, fill, options, bar) -> dict[str, FlippingResult]:

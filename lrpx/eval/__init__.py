@@ -17,6 +17,7 @@ from .fills import (
     UniformNoise,
     get_fills,
 )
+from .ground_truth import relevance_mass_accuracy, relevance_rank_accuracy
 from .flipping import item_indices, number_of_calls, pixel_flipping
 from .order import ORDERS, SCHEDULES, region_relevance, removal_order, schedule_counts
 from .perturb import perturbed_inputs
@@ -24,6 +25,8 @@ from .result import FlippingResult
 from .scores import SCORES, aopc, auc, mean_std, unit_step_auc
 
 __all__ = [
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
     "FILLS",
     "ORDERS",
     "SCHEDULES",

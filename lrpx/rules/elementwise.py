@@ -1,7 +1,6 @@
 """Rules for layers without weights: activations, pooling and sums."""
 from __future__ import annotations
 
-from torch import Tensor
 
 from .base import Rule, divide
 

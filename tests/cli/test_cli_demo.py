@@ -18,7 +18,7 @@ from PIL import Image
 from lrpx import datasets as ds
 from lrpx.cli import main
 from lrpx.demo import DEMO_METHODS, DemoOptions, attributor, run_demo
-from lrpx.eval import pixel_flipping
+from lrpx.eval import pixel_flipping, relevance_mass_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only waits
 TINY = ["--epochs", "1", "--train-size", "200"]
@@ -184,7 +184,7 @@ def test_lrp_beats_random_order_and_gradient_on_built_in_data(cache):
     low, high = ds.zbox_bounds()
     relevance = {m: attributor(model, m, low=low, high=high)(x, target)
                  for m in ("epsilon_gamma_box", "epsilon_plus_flat", "gradient")}
-    rma = {m: ds.relevance_mass_accuracy(r, data.masks).mean().item() for m, r in relevance.items()}
+    rma = {m: relevance_mass_accuracy(r, data.masks).mean().item() for m, r in relevance.items()}
     flip = {m: pixel_flipping(model, x, r, target, patch_size=8, schedule="quadratic", order=("morf", "random"),
                               fill="inpaint", normalizer=(ds.MEAN, ds.STD), pixel_range=(0.0, 1.0),
                               generator=torch.Generator().manual_seed(0), batch_size=128)

@@ -10,6 +10,7 @@ from torch import nn
 
 import lrpx
 from lrpx import datasets as ds
+from lrpx.eval import relevance_mass_accuracy, relevance_rank_accuracy
 from lrpx.layers import Add
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only waits
@@ -98,11 +99,11 @@ def test_relevance_mass_and_rank_accuracy_by_hand():
     top_left = torch.tensor([[[[True, False], [False, False]]]])
     anti = torch.tensor([[[[False, True], [True, False]]]])
     # positive mass 3 + 1 = 4; on the top-left pixel 3
-    assert ds.relevance_mass_accuracy(relevance, top_left).item() == pytest.approx(0.75)
-    assert ds.relevance_rank_accuracy(relevance, top_left).item() == pytest.approx(1.0)
+    assert relevance_mass_accuracy(relevance, top_left).item() == pytest.approx(0.75)
+    assert relevance_rank_accuracy(relevance, top_left).item() == pytest.approx(1.0)
     # mass on the anti-diagonal: 1 of 4; the 2 most relevant pixels are 3 (out) and 1 (in)
-    assert ds.relevance_mass_accuracy(relevance, anti).item() == pytest.approx(0.25)
-    assert ds.relevance_rank_accuracy(relevance, anti).item() == pytest.approx(0.5)
+    assert relevance_mass_accuracy(relevance, anti).item() == pytest.approx(0.25)
+    assert relevance_rank_accuracy(relevance, anti).item() == pytest.approx(0.5)
 
 
 def test_ground_truth_scores_sum_channels_and_handle_edge_cases():
@@ -112,12 +113,12 @@ def test_ground_truth_scores_sum_channels_and_handle_edge_cases():
     relevance[1] = -1.0  # no positive relevance at all
     masks = torch.zeros(3, 1, 2, 2, dtype=torch.bool)
     masks[:2, 0, 0, 0] = True  # sample 2 has an empty mask
-    rma = ds.relevance_mass_accuracy(relevance, masks)
-    rra = ds.relevance_rank_accuracy(relevance, masks)
+    rma = relevance_mass_accuracy(relevance, masks)
+    rra = relevance_rank_accuracy(relevance, masks)
     assert rma.tolist() == [1.0, 0.0, 0.0] and rma.dtype == torch.float64
     assert rra.tolist() == [1.0, 1.0, 0.0]  # ties go to the first pixel in raster order
     with pytest.raises(ValueError, match="does not match"):
-        ds.relevance_mass_accuracy(relevance, masks[:, :, :1])
+        relevance_mass_accuracy(relevance, masks[:, :, :1])
 
 
 @pytest.mark.parametrize("name", list(ds.MODELS))
