@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .layers import Add
+from .layers import Add, batchnorm_affine
 
 __all__ = ["canonize", "fold_batchnorm", "out_of_place", "rewrite_functional", "TraceError"]
 
@@ -43,15 +43,10 @@ def fold_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.
     if bn.training:
         raise ValueError("fold_batchnorm needs the BatchNorm in eval mode (its running statistics); "
                          "call model.eval() first")
-    if bn.running_mean is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     if type(layer) not in _FOLDABLE or type(bn) not in _FOLDABLE[type(layer)]:
         raise TypeError(f"cannot fold {type(bn).__name__} into {type(layer).__name__}")
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
+        scale, shift = batchnorm_affine(bn)  # refuses a BatchNorm without running statistics
         folded = copy.deepcopy(layer)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         folded.weight = nn.Parameter(layer.weight * scale.view(shape), layer.weight.requires_grad)

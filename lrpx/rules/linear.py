@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Layer, Rule, divide, is_nonnegative, negative, positive, stabilize
+from .base import Layer, Rule, divide, is_nonnegative, negative, positive
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
 
@@ -133,11 +133,11 @@ class AlphaBeta(Rule):
         pp, pn = layer.forward(both, wp, None).chunk(2)  # W+ x+, W+ x-
         np_, nn_ = layer.forward(both, wn, None).chunk(2)  # W- x+, W- x-
         z_p = pp + nn_ + _bias_or_zero(layer, positive(bias), pp)
-        s_p = relevance / stabilize(z_p, self.epsilon)
+        s_p = divide(relevance, z_p, self.epsilon)
         if self.beta == 0:
             return self.alpha * (xp * layer.vjp(s_p, wp, x) + xn * layer.vjp(s_p, wn, x))
         z_n = np_ + pn + _bias_or_zero(layer, negative(bias), pp)
-        s_n = relevance / stabilize(z_n, self.epsilon)
+        s_n = divide(relevance, z_n, self.epsilon)
         stacked = torch.cat([self.alpha * s_p, self.beta * s_n])
         p1, p2 = layer.vjp(stacked, wp, _twice(x)).chunk(2)
         n1, n2 = layer.vjp(stacked, wn, _twice(x)).chunk(2)
