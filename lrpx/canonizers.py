@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import Add, batchnorm_affine
+from .layers import Add, Mean, Product, batchnorm_affine, default_twins
 
 __all__ = ["canonize", "fold_batchnorm", "out_of_place", "rewrite_functional", "TraceError"]
 
@@ -29,6 +30,26 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 _INPLACE_METHODS = {"add_": "add", "relu_": "relu", "mul_": "mul", "sigmoid_": "sigmoid", "clamp_": "clamp",
                     "hardtanh_": "hardtanh", "tanh_": "tanh"}
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+_PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
+_GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_RESHAPES = {"view", "reshape", "expand", "expand_as", "unsqueeze", "flatten"}
+_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+#: functional calls that become layers: ``{function: (module class, its arguments after the input)}``
+_FUNCTIONS: dict = {
+    F.relu: (nn.ReLU, ("inplace",)), torch.relu: (nn.ReLU, ()), F.relu6: (nn.ReLU6, ("inplace",)),
+    F.gelu: (nn.GELU, ("approximate",)), F.silu: (nn.SiLU, ("inplace",)), F.mish: (nn.Mish, ("inplace",)),
+    F.hardswish: (nn.Hardswish, ("inplace",)), F.hardsigmoid: (nn.Hardsigmoid, ("inplace",)),
+    torch.sigmoid: (nn.Sigmoid, ()), F.sigmoid: (nn.Sigmoid, ()), torch.tanh: (nn.Tanh, ()), F.tanh: (nn.Tanh, ()),
+    F.leaky_relu: (nn.LeakyReLU, ("negative_slope", "inplace")), F.elu: (nn.ELU, ("alpha", "inplace")),
+    F.hardtanh: (nn.Hardtanh, ("min_val", "max_val", "inplace")), F.softplus: (nn.Softplus, ("beta", "threshold")),
+    F.softmax: (nn.Softmax, ("dim", "_stacklevel", "dtype")), torch.softmax: (nn.Softmax, ("dim", "dtype")),
+    F.avg_pool1d: (nn.AvgPool1d, _POOL_ARGS[:-1]), F.avg_pool2d: (nn.AvgPool2d, _POOL_ARGS),
+    F.avg_pool3d: (nn.AvgPool3d, _POOL_ARGS), F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+    F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)), torch.mean: (Mean, ("dim", "keepdim", "dtype")),
+}
+_METHODS: dict = {"relu": (nn.ReLU, ()), "sigmoid": (nn.Sigmoid, ()), "tanh": (nn.Tanh, ()),
+                  "softmax": (nn.Softmax, ("dim", "dtype")), "mean": (Mean, ("dim", "keepdim", "dtype"))}
 
 
 class TraceError(RuntimeError):
@@ -70,6 +91,11 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
+def trace_children_as_leaves(module: nn.Module) -> fx.Graph:
+    """The graph of ``module``'s own forward, each submodule call one node."""
+    return _ChildrenAsLeaves().trace(module)
+
+
 @dataclass
 class _Traced:
     name: str
@@ -78,13 +104,13 @@ class _Traced:
     changed: bool = False
 
 
-def _trace_all(model: nn.Module) -> list[_Traced]:
+def _trace_all(model: nn.Module, leaves: tuple[type[nn.Module], ...] = ()) -> list[_Traced]:
     traced = []
     for name, module in model.named_modules():
-        if isinstance(module, _CONTAINERS) or not list(module.children()):
+        if isinstance(module, _CONTAINERS) or not list(module.children()) or type(module) in leaves:
             continue
         try:
-            graph = _ChildrenAsLeaves().trace(module)
+            graph = trace_children_as_leaves(module)
         except Exception as err:  # fx raises many types
             label = f"'{name}'" if name else "the model itself"
             raise TraceError(
@@ -149,21 +175,117 @@ def _rewrite_graph(t: _Traced) -> None:
         if node.op == "call_method" and node.target in _INPLACE_METHODS:
             node.target = _INPLACE_METHODS[node.target]
             t.changed = True
-        is_add = (node.op == "call_function" and node.target in _ADDS) or \
-                 (node.op == "call_method" and node.target == "add")
-        if not is_add or len(node.args) != 2 or node.kwargs:
-            continue
-        if not all(isinstance(a, fx.Node) for a in node.args):
-            continue
-        name = node.name
-        while hasattr(t.module, name):
-            name = f"{name}_"
-        t.module.add_module(name, Add())
-        with t.graph.inserting_after(node):
-            new = t.graph.call_module(name, tuple(node.args))
-        node.replace_all_uses_with(new)
-        t.graph.erase_node(node)
-        t.changed = True
+    for node in list(t.graph.nodes):
+        module = _as_module(node)
+        if module is not None:
+            _replace(t, node, module, (node.args[0],))
+    tags = _tags(t.graph)
+    for node in list(t.graph.nodes):
+        new = None
+        if _is_product(node):
+            new = _rewrite_product(t, node, tags)
+        elif _is_add(node) and all(isinstance(a, fx.Node) and tags[a] != "meta" for a in node.args) \
+                and "input" in (tags[a] for a in node.args):
+            new = _replace(t, node, Add(), tuple(node.args))
+        if new is not None:
+            tags[new] = tags[node]
+
+
+def _replace(t: _Traced, node: fx.Node, module: nn.Module, args: tuple) -> fx.Node:
+    """Put a call of the new submodule ``module`` in place of ``node``."""
+    name = node.name
+    while hasattr(t.module, name):
+        name = f"{name}_"
+    t.module.add_module(name, module)
+    with t.graph.inserting_after(node):
+        new = t.graph.call_module(name, args)
+    node.replace_all_uses_with(new)
+    t.graph.erase_node(node)
+    t.changed = True
+    return new
+
+
+def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict | None:
+    """The arguments after the input by name, or None if one is computed at run time."""
+    if len(node.args) - 1 > len(names) or not node.args:
+        return None
+    bound = dict(zip(names, node.args[1:]))
+    bound.update(node.kwargs)
+    if any(isinstance(v, fx.Node) for v in bound.values()) or set(bound) - set(names):
+        return None
+    return bound
+
+
+def _as_module(node: fx.Node) -> nn.Module | None:
+    """The module equal to a functional activation, pooling or mean call; None if none."""
+    if node.op == "call_function":
+        spec = _FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        spec = _METHODS.get(node.target)
+    else:
+        return None
+    if spec is None:
+        return None
+    cls, names = spec
+    bound = _call_args(node, names)
+    if bound is None or bound.pop("dtype", None) is not None:
+        return None
+    for ignored in ("inplace", "_stacklevel"):
+        bound.pop(ignored, None)
+    if cls is Mean and bound.get("dim", None) is None and "dim" in bound:
+        bound.pop("dim")
+    return cls(**bound)
+
+
+def _tags(graph: fx.Graph) -> dict[fx.Node, str]:
+    """"input" for values computed from the forward's inputs, "meta" for sizes read off
+    them (``x.shape``), "constant" for parameters, buffers and what only they determine."""
+    tags: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            tags[node] = "input"
+        elif node.op == "get_attr":
+            tags[node] = "constant"
+        elif (node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")) or \
+                (node.op == "call_method" and node.target in ("size", "dim")):
+            tags[node] = "meta"
+        else:
+            found = {tags[n] for n in node.all_input_nodes}
+            tags[node] = next((k for k in ("input", "meta") if k in found), "constant")
+    return tags
+
+
+def _is_add(node: fx.Node) -> bool:
+    is_add = (node.op == "call_function" and node.target in _ADDS) or \
+             (node.op == "call_method" and node.target == "add")
+    return is_add and len(node.args) == 2 and not node.kwargs
+
+
+def _is_product(node: fx.Node) -> bool:
+    is_product = (node.op == "call_function" and node.target in _PRODUCTS) or \
+                 (node.op == "call_method" and node.target in ("mul", "div"))
+    return is_product and len(node.args) == 2 and not node.kwargs
+
+
+def _rewrite_product(t: _Traced, node: fx.Node, tags: dict[fx.Node, str]) -> fx.Node | None:
+    divide = node.target in (operator.truediv, operator.itruediv, torch.div, "div")
+    signal = [isinstance(a, fx.Node) and tags[a] == "input" for a in node.args]
+    if not any(signal) or (divide and signal[1]):
+        return None  # nothing from the input, or a division by an activation: plain gradient
+    if all(signal):
+        gates = [_is_gate(t.module, a) for a in node.args]
+        index = gates.index(False) if gates.count(False) == 1 else None
+    else:
+        index = signal.index(True)
+    return _replace(t, node, Product(index, divide), tuple(node.args))
+
+
+def _is_gate(module: nn.Module, node: fx.Node) -> bool:
+    """A value squashed into a gate: the output of a sigmoid-like activation, possibly reshaped."""
+    while (node.op == "call_method" and node.target in _RESHAPES) or \
+            (node.op == "call_function" and node.target is operator.getitem):  # g[:, :, None, None]
+        node = node.args[0]
+    return node.op == "call_module" and isinstance(module.get_submodule(node.target), _GATES)
 
 
 def rewrite_functional(model: nn.Module, traced: list[_Traced] | None = None) -> nn.Module:
@@ -186,9 +308,12 @@ def rewrite_functional(model: nn.Module, traced: list[_Traced] | None = None) ->
     return model
 
 
-def canonize(model: nn.Module, *, trace: bool = True) -> nn.Module:
+def canonize(model: nn.Module, *, trace: bool = True,
+             twins: dict[type[nn.Module], type[nn.Module] | None] | None = None) -> nn.Module:
     """Make ``model`` LRP-ready in place and return it (a new root if its forward changed).
 
+    Modules whose class has a twin (``lrpx.layers.default_twins()`` updated by ``twins``) are
+    replaced whole, so their forward code is not traced (``nn.MultiheadAttention``).
     Refuses training mode (BatchNorm folding needs running statistics).
     """
     if any(m.training for m in model.modules()):
@@ -198,6 +323,8 @@ def canonize(model: nn.Module, *, trace: bool = True) -> nn.Module:
     if not trace:
         _fold_in_sequences(model)
         return model
-    traced = _trace_all(model)
+    registry = default_twins()
+    registry.update(twins or {})
+    traced = _trace_all(model, tuple(cls for cls, twin in registry.items() if twin is not None))
     _fold_in_graphs(model, traced)
     return rewrite_functional(model, traced)

@@ -111,7 +111,7 @@ class Composite:
         ``twins`` is the user registry passed to ``convert`` (for custom layers' kinds).
         """
         if canonize_copy:
-            model = canonize(copy.deepcopy(model).eval())
+            model = canonize(copy.deepcopy(model).eval(), twins=twins)
         names = [name for name, _ in model.named_modules()]
         layers = [(name, m) for name, m in model.named_modules() if kind_of(m, twins) is not None]
         ranks = {name: i for i, name in enumerate(n for n, m in layers if isinstance(m, LAYERS))}

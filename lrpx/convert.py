@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import copy
 
+import torch
+import torch.fx as fx
 from torch import nn
 
-from .canonizers import canonize
+from .canonizers import canonize, trace_children_as_leaves
 from .composites import Composite
-from .layers import Add, Twin, default_twins
+from .layers import Add, Product, Twin, default_twins
+from .rules import Rule
 
 __all__ = ["convert", "rule_table", "UnsupportedModuleError"]
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class UnsupportedModuleError(TypeError):
@@ -53,8 +59,9 @@ def convert(
     registry.update(twins or {})
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    _check_supported(target, registry)
-    target = canonize(target, trace=trace)
+    _check_supported(target, registry, traced=None)  # leaves first: before tracing can fail on them
+    target = canonize(target, trace=trace, twins=twins)
+    _check_supported(target, registry, traced=trace)
     table = (composite or Composite()).assign(target, canonize_copy=False, twins=twins)
     for name, rule in table.items():
         module = target.get_submodule(name)
@@ -68,15 +75,18 @@ def convert(
     return target.eval()
 
 
-def _check_supported(model: nn.Module, registry: dict) -> None:
+def _check_supported(model: nn.Module, registry: dict, *, traced: bool | None) -> None:
+    """Every leaf has a twin or is kept; a module with parameters of its own is a leaf with a
+    twin or, once ``traced``, uses them only in operations the trace rewrote (layer scale).
+    ``traced=None`` checks the leaves only."""
     bad = []
     for name, module in model.named_modules():
         cls = type(module)
-        if cls in registry or isinstance(module, Twin):
-            continue
+        if cls in registry or isinstance(module, Twin) or cls in _CONTAINERS:
+            continue  # an empty container is the identity
         is_leaf = not any(True for _ in module.children())
         owns_parameters = any(True for _ in module.parameters(recurse=False))
-        if is_leaf or owns_parameters:
+        if is_leaf or (owns_parameters and traced is not None and not (traced and _parameters_rewritten(module))):
             bad.append(f"  '{name or '<root>'}' ({cls.__module__}.{cls.__qualname__})")
     if bad:
         raise UnsupportedModuleError(
@@ -87,6 +97,35 @@ def _check_supported(model: nn.Module, registry: dict) -> None:
         )
 
 
+def _parameters_rewritten(module: nn.Module) -> bool:
+    """A traced module whose own parameters only feed rewritten operations (Product, Add) or
+    are reshaped and concatenated to the activations (ViT's class token), so that the
+    relevance they receive is absorbed like a bias's."""
+    try:
+        graph = module.graph if isinstance(module, fx.GraphModule) else trace_children_as_leaves(module)
+    except Exception:  # fx raises many types; convert's own trace reports why
+        return False
+    own = {name for name, _ in module.named_parameters(recurse=False)}
+    uses = [n for n in graph.nodes if n.op == "get_attr" and n.target in own]
+    return len(uses) > 0 and all(_absorbs(module, n) for n in uses)
+
+
+_RESHAPES = {"expand", "expand_as", "view", "reshape", "unsqueeze", "flatten", "permute", "transpose"}
+_JOINS = {torch.cat, torch.stack, torch.concat}
+
+
+def _absorbs(module: nn.Module, node: fx.Node) -> bool:
+    for user in node.users:
+        if user.op == "call_module" and isinstance(module.get_submodule(user.target), (Product, Add)):
+            continue
+        if user.op == "call_function" and user.target in _JOINS:
+            continue
+        if user.op == "call_method" and user.target in _RESHAPES and user.args[0] is node and _absorbs(module, user):
+            continue
+        return False
+    return True
+
+
 def rule_table(model: nn.Module) -> dict[str, object]:
     """``{qualified name: rule}`` of the twins in a converted model."""
-    return {name: m.rule for name, m in model.named_modules() if isinstance(m, (Twin, Add))}
+    return {name: m.rule for name, m in model.named_modules() if isinstance(getattr(m, "rule", None), Rule)}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LinearOps", "ConvOps", "DiagonalOps", "AvgPoolOps", "AdaptiveAvgPoolOps", "ElementwiseOps"]
+__all__ = ["LinearOps", "ConvOps", "DiagonalOps", "AvgPoolOps", "AdaptiveAvgPoolOps", "MeanOps", "ElementwiseOps"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -138,6 +138,32 @@ class AdaptiveAvgPoolOps:
         shape = shape[:-1] + (1,) + shape[-1:] if self.dim == 1 else shape
         g = torch.ops.aten._adaptive_avg_pool2d_backward(_as_2d(s, self.dim), _like(s, shape))
         return g.squeeze(-2) if self.dim == 1 else g
+
+
+@dataclass(frozen=True)
+class MeanOps:
+    """``input.mean(dim, keepdim)`` (global average pooling written as a mean); VJP spreads
+    ``s / n`` over the averaged elements. ``dim=None`` averages everything."""
+
+    dim: tuple[int, ...] | None
+    keepdim: bool = False
+    channel_axis: int = 1
+
+    def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
+        if self.dim is None:
+            return input.mean()
+        return input.mean(self.dim, keepdim=self.keepdim)
+
+    def vjp(self, s: Tensor, weight: None, input: Tensor | torch.Size) -> Tensor:
+        shape = _shape(input)
+        dims = range(len(shape)) if self.dim is None else [d % len(shape) for d in self.dim]
+        count = 1
+        for d in dims:
+            count *= shape[d]
+        if self.dim is not None and not self.keepdim:
+            for d in sorted(dims):
+                s = s.unsqueeze(d)
+        return (s / count).expand(shape).contiguous()
 
 
 @dataclass(frozen=True)

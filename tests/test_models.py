@@ -32,7 +32,7 @@ def _input(seed=0, batch=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("composite", ["epsilon", "epsilon_gamma_box"])
+@pytest.mark.parametrize("composite", ["epsilon"])  # the presets: tests/test_coverage.py
 def test_forward_equal_and_relevance_accounted(model, composite):
     name, net = model
     x = _input()

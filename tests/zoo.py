@@ -8,28 +8,41 @@ import torchvision
 from torch import nn
 
 import lrpx
-from lrpx.layers import Add
+from lrpx.layers import Add, Mean
 
 
-def randomized(name: str, seed: int = 0, dtype=torch.float64) -> nn.Module:
+def randomized(name: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Module:
     """torchvision ``name`` with random weights, non-zero biases and BatchNorm statistics.
 
     torchvision initialises biases to zero and BatchNorm to the identity, which hides bias
-    and folding bugs.
+    and folding bugs. Weights are redrawn with a fan-in scale (He et al. 2015) so that
+    activations stay near 1 through deep nets (torchvision's small inits for GoogLeNet or
+    MobileNet would leave signals below any stabilizer); layer scales and position
+    embeddings become random too.
     """
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-                m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
             if isinstance(m, nn.BatchNorm2d):
                 c = m.num_features
                 m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(c, generator=g))
                 m.weight.copy_(0.5 + torch.rand(c, generator=g))
                 m.bias.copy_(0.1 * torch.randn(c, generator=g))
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            for pname, p in m.named_parameters(recurse=False):
+                if pname in ("layer_scale", "class_token", "pos_embedding"):
+                    p.copy_((0.5 if pname == "layer_scale" else 0.1) * torch.randn(p.shape, generator=g))
     return model.eval().to(dtype)
 
 
@@ -44,12 +57,17 @@ def stab(z, e):
 def _layer_forward(m: nn.Module, x, w, b):
     if isinstance(m, nn.Linear):
         return F.linear(x, w, b)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * w.view(shape) + (0 if b is None else b.view(shape))
     return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
 
 
 def _bias(m, b, z):
     if b is None:
         return torch.zeros((), dtype=z.dtype)
+    if isinstance(m, nn.Linear):
+        return b
     return b.view(1, -1, *([1] * (z.dim() - 2))) if z.dim() > 2 else b
 
 
@@ -61,7 +79,7 @@ def absorbed(m: nn.Module, x: torch.Tensor, z: torch.Tensor, R: torch.Tensor) ->
         return torch.zeros((), dtype=R.dtype)
     if isinstance(rule, lrpx.rules.Norm):
         return (R * rule.epsilon * sign0(z) / stab(z, rule.epsilon)).sum()
-    w, b = m.weight, m.bias
+    w, b = _affine(m)
     wp, wn = w.clamp(min=0), w.clamp(max=0)
     bp = None if b is None else b.clamp(min=0)
     bn = None if b is None else b.clamp(max=0)
@@ -77,6 +95,14 @@ def absorbed(m: nn.Module, x: torch.Tensor, z: torch.Tensor, R: torch.Tensor) ->
         z_n = _layer_forward(m, xp, N, None) + _layer_forward(m, xn, P, None) + bb_n
         kept = torch.where(z > 0, R, 0.0) * (z_p - bb_p) / stab(z_p, rule.epsilon) + \
             torch.where(z < 0, R, 0.0) * (z_n - bb_n) / stab(z_n, rule.epsilon)
+    elif isinstance(rule, lrpx.rules.ZPlus):
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        bb = _bias(m, bp, z)
+        z_p = _layer_forward(m, xp, wp, None) + _layer_forward(m, xn, wn, None) + bb
+        kept = R * (z_p - bb) / stab(z_p, rule.epsilon)
+    elif isinstance(rule, lrpx.rules.Flat):
+        ones = _layer_forward(m, torch.ones_like(x), torch.ones_like(w), None)
+        kept = R * ones / stab(ones, rule.epsilon)
     elif isinstance(rule, lrpx.rules.ZBox):
         low = torch.full_like(x, rule.low) if not torch.is_tensor(rule.low) else rule.low.expand_as(x)
         high = torch.full_like(x, rule.high) if not torch.is_tensor(rule.high) else rule.high.expand_as(x)
@@ -87,15 +113,62 @@ def absorbed(m: nn.Module, x: torch.Tensor, z: torch.Tensor, R: torch.Tensor) ->
     return R.sum() - kept.sum()
 
 
+def _affine(m: nn.Module):
+    """Weight and bias of the linear map a layer computes (BatchNorm: from its statistics)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        scale = m.weight / torch.sqrt(m.running_var + m.eps)
+        return scale, m.bias - m.running_mean * scale
+    return m.weight, m.bias
+
+
+def _norm_absorbed(m: nn.Module, x, y, R) -> torch.Tensor:
+    """LayerNorm/GroupNorm with the AttnLRP rule: the bias takes its share of R at the
+    affine step, the stabilizers take theirs at the affine and the centring step."""
+    if isinstance(m.rule, lrpx.rules.Pass):
+        return torch.zeros((), dtype=R.dtype)
+    e = m.rule.epsilon
+    if isinstance(m, nn.GroupNorm):
+        sets = x.reshape(x.shape[0], m.num_groups, -1)
+        c = (sets - sets.mean(-1, keepdim=True)).reshape(x.shape)
+        b = 0 if m.bias is None else m.bias.view(1, -1, *([1] * (x.dim() - 2)))
+    elif type(m).__name__ == "LRPLayerNorm2d":  # torchvision's LayerNorm2d: over channels
+        c = x - x.mean(1, keepdim=True)
+        b = 0 if m.bias is None else m.bias.view(1, -1, 1, 1)
+    else:
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        c = x - x.mean(dims, keepdim=True)
+        b = 0 if m.bias is None else m.bias
+    r_n = (y - b) * R / stab(y, e)
+    return R.sum() - (r_n * c / stab(c, e)).sum()
+
+
+def _attention_absorbed(m: nn.MultiheadAttention, inputs, R) -> torch.Tensor:
+    """R_out minus R_in of self-attention, R_in from the numpy oracle of test_attention."""
+    import numpy as np
+    from test_attention import attention_oracle, numpy_params
+
+    q, k, v = (t.detach() for t in inputs[:3])
+    if not m.batch_first:
+        q, k, v, R = (t.transpose(0, 1) for t in (q, k, v, R))
+    n, length, _ = q.shape
+    mask = np.zeros((n, m.num_heads, length, k.shape[1]))
+    e = getattr(m.rule, "epsilon", 1e-6)
+    _, r_q, r_k, r_v = attention_oracle(q.numpy(), k.numpy(), v.numpy(), numpy_params(m), m.num_heads, mask,
+                                        R.detach().numpy(), e)
+    return R.sum() - torch.as_tensor(r_q.sum() + r_k.sum() + r_v.sum())
+
+
 class Recorder:
     """Records (module, input, output, output relevance) for every LRP layer call."""
 
     def __init__(self, model: nn.Module):
         self.calls = []
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                        if isinstance(m, (lrpx.layers.Twin, Add))]
+                        if isinstance(m, (lrpx.layers.Twin, Add, Mean))]
 
     def _hook(self, module, args, output):
+        if isinstance(output, tuple):  # MultiheadAttention: (output, weights)
+            output = output[0]
         entry = {"module": module, "inputs": args, "output": output.detach(), "relevance": None}
         self.calls.append(entry)
         output.register_hook(lambda grad, e=entry: e.__setitem__("relevance", grad))
@@ -104,7 +177,13 @@ class Recorder:
         total = torch.zeros((), dtype=torch.float64)
         for c in self.calls:
             m, R = c["module"], c["relevance"]
-            if isinstance(m, Add):
+            if R is None:  # no relevance reached this call (a gate's branch)
+                continue
+            if isinstance(m, nn.MultiheadAttention):
+                total = total + _attention_absorbed(m, c["inputs"], R)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                total = total + _norm_absorbed(m, c["inputs"][0].detach(), c["output"], R)
+            elif isinstance(m, Add):
                 total = total + (R * m.rule.epsilon * sign0(c["output"]) / stab(c["output"], m.rule.epsilon)).sum()
             else:
                 total = total + absorbed(m, c["inputs"][0].detach(), c["output"], R)
@@ -113,3 +192,28 @@ class Recorder:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+#: torchvision classification families: ``{name: (input size, constructor kwargs)}``, inputs as
+#: small as each architecture allows
+FAMILIES: dict[str, tuple[int, dict]] = {
+    "alexnet": (64, {}),
+    **{f"vgg{d}{bn}": (32, {}) for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+    **{f"resnet{d}": (32, {}) for d in (18, 34, 50, 101, 152)},
+    "resnext50_32x4d": (32, {}),
+    "wide_resnet50_2": (32, {}),
+    "densenet121": (32, {}),
+    "squeezenet1_0": (64, {}),
+    "squeezenet1_1": (64, {}),
+    "googlenet": (64, {"aux_logits": True, "init_weights": False}),
+    "inception_v3": (80, {"aux_logits": True, "init_weights": False}),
+    "mobilenet_v2": (32, {}),
+    "mobilenet_v3_small": (32, {}),
+    "mobilenet_v3_large": (32, {}),
+    "efficientnet_b0": (32, {}),
+    "shufflenet_v2_x1_0": (32, {}),
+    "mnasnet1_0": (32, {}),
+    "regnet_y_400mf": (32, {}),
+    "convnext_tiny": (32, {}),
+    "vit_b_16": (32, {"image_size": 32}),
+}

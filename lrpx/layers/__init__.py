@@ -13,19 +13,32 @@ from torch import nn
 from ..rules.base import Rule
 from .activation import ACTIVATION_TWINS, ACTIVATIONS
 from .base import Twin
-from .merge import Add
+from .attention import ATTENTION_TWINS
+from .merge import Add, Product
+from .normalization import NORM_TWINS
 from .pooling import (LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d, LRPAdaptiveAvgPool3d, LRPAvgPool1d,
-                      LRPAvgPool2d, LRPAvgPool3d)
+                      LRPAvgPool2d, LRPAvgPool3d, Mean)
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "twin", "default_twins", "kind_of", "batchnorm_affine",
+__all__ = ["Twin", "Add", "Mean", "Product", "twin", "default_twins", "kind_of", "batchnorm_affine",
            "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT"]
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 WEIGHTED = (nn.Linear,) + CONVOLUTIONS + BATCHNORMS
 POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _torchvision_kept() -> tuple[type[nn.Module], ...]:
+    """torchvision's identity-in-eval and reshaping layers (stochastic depth, permute)."""
+    try:
+        from torchvision.ops import Permute, StochasticDepth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (StochasticDepth, Permute)
+
+
 #: layers kept as they are: their gradient routes relevance correctly
 KEPT = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -33,7 +46,8 @@ KEPT = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
     nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
     nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ChannelShuffle,
-)
+    Product,
+) + _torchvision_kept()
 
 _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     nn.Linear: LRPLinear,
@@ -50,7 +64,12 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     nn.AdaptiveAvgPool2d: LRPAdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d: LRPAdaptiveAvgPool3d,
     Add: Add,
+    Mean: Mean,
     **ACTIVATION_TWINS,
+    **NORM_TWINS,
+    **ATTENTION_TWINS,
+    # the output projection of MultiheadAttention, used by its twin's own forward
+    nn.modules.linear.NonDynamicallyQuantizableLinear: None,
     **dict.fromkeys(KEPT),
 }
 
@@ -81,6 +100,8 @@ def kind_of(module: nn.Module, twins: dict | None = None) -> str | None:
         return "elementwise"
     if cls in POOLS:
         return "sum"
+    if _TWINS.get(cls) is not None:
+        return getattr(_TWINS[cls], "lrp_kind", None)
     return getattr(module, "lrp_kind", None)
 
 

@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 from ..rules.base import Rule, divide
 from ..rules.elementwise import Norm
 
-__all__ = ["Add"]
+__all__ = ["Add", "Product"]
 
 
 class _AddFunction(torch.autograd.Function):
@@ -56,3 +56,59 @@ class Add(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}"
+
+
+class _ProductFunction(torch.autograd.Function):
+    """``a * b`` (or ``a / b``); backward gives all relevance to operand ``signal`` or, with
+    ``signal=None``, half of it to each operand."""
+
+    @staticmethod
+    def forward(ctx, signal: int | None, divide_: bool, a: Tensor | float, b: Tensor | float) -> Tensor:
+        ctx.signal = signal
+        ctx.shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in (a, b))
+        return a / b if divide_ else a * b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, relevance: Tensor):
+        if ctx.signal is None:
+            half = relevance * 0.5
+            return (None, None, *(half.sum_to_size(shape) for shape in ctx.shapes))
+        out: list = [None, None]
+        out[ctx.signal] = relevance.sum_to_size(ctx.shapes[ctx.signal])
+        return (None, None, *out)
+
+
+class Product(nn.Module):
+    r"""``a * b`` or ``a / b`` in forward code, with the relevance going where it belongs.
+
+    * ``signal=i``: operand ``i`` gets all the relevance, the other none. This is the rule
+      for a gate, ``x * sigmoid(...)`` in squeeze-excitation (signal-take-all, Arras et al.
+      2017), and for a constant factor: layer scale ``gamma * x``, ``x / 255`` (a diagonal
+      linear layer without bias, whose epsilon rule is the identity up to the stabilizer).
+    * ``signal=None``: two activations multiplied, each gets half (the uniform rule, AttnLRP,
+      Achtibat et al. 2024, Prop. 3.2).
+
+    .. math:: R_{\text{signal}} = R \quad\text{or}\quad R_a = R_b = R / 2
+
+    summed over broadcast dimensions. A Python number operand makes the tensor the signal.
+    """
+
+    def __init__(self, signal: int | None = 0, divide: bool = False) -> None:
+        super().__init__()
+        if signal not in (0, 1, None):
+            raise ValueError(f"signal is 0, 1 or None, got {signal!r}")
+        self.signal, self.divide = signal, bool(divide)
+
+    def forward(self, a, b):
+        tensors = [isinstance(t, Tensor) for t in (a, b)]
+        if not all(tensors):
+            if not any(tensors):
+                return a / b if self.divide else a * b
+            # one tensor and a number: the tensor takes all relevance
+            return _ProductFunction.apply(0 if tensors[0] else 1, self.divide, a, b)
+        return _ProductFunction.apply(self.signal, self.divide, a, b)
+
+    def extra_repr(self) -> str:
+        who = "half each" if self.signal is None else f"signal={self.signal}"
+        return f"{'divide' if self.divide else 'multiply'}, {who}"

@@ -6,11 +6,13 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
 from ..core import lrp_apply
-from ..ops import AdaptiveAvgPoolOps, AvgPoolOps
+from ..ops import AdaptiveAvgPoolOps, AvgPoolOps, MeanOps
+from ..rules.base import Rule
+from ..rules.elementwise import Norm
 from .base import Twin
 
 __all__ = ["LRPAvgPool1d", "LRPAvgPool2d", "LRPAvgPool3d",
-           "LRPAdaptiveAvgPool1d", "LRPAdaptiveAvgPool2d", "LRPAdaptiveAvgPool3d"]
+           "LRPAdaptiveAvgPool1d", "LRPAdaptiveAvgPool2d", "LRPAdaptiveAvgPool3d", "Mean"]
 
 
 class _AvgPoolTwin(Twin):
@@ -59,3 +61,30 @@ class LRPAdaptiveAvgPool2d(_AdaptiveAvgPoolTwin, nn.AdaptiveAvgPool2d):
 class LRPAdaptiveAvgPool3d(_AdaptiveAvgPoolTwin, nn.AdaptiveAvgPool3d):
     """``nn.AdaptiveAvgPool3d`` with the Norm rule."""
     dim = 3
+
+
+class Mean(nn.Module):
+    """``input.mean(dim, keepdim)`` as a layer with the Norm rule: the global average pooling
+    that forward code writes as ``x.mean([2, 3])`` (ShuffleNet, MnasNet).
+
+    ``convert`` puts one in place of each such call it finds when tracing forward code.
+    """
+
+    lrp_kind = "sum"
+
+    def __init__(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False,
+                 rule: Rule | None = None) -> None:
+        super().__init__()
+        self.dim = (dim,) if isinstance(dim, int) else (None if dim is None else tuple(dim))
+        self.keepdim = bool(keepdim)
+        self.rule = Norm() if rule is None else rule
+
+    @classmethod
+    def from_module(cls, module: "Mean", rule: Rule) -> "Mean":
+        return cls(module.dim, module.keepdim, rule)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return lrp_apply(MeanOps(self.dim, self.keepdim), self.rule, input)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, keepdim={self.keepdim}, rule={self.rule!r}"

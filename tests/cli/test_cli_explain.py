@@ -195,11 +195,11 @@ def test_bad_input_is_one_line_exit_code_2_and_writes_nothing(files, tmp_path, c
 
 
 def test_model_lrp_cannot_convert_is_a_clear_error(files, tmp_path):
-    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), tmp_path / "eff.pt")
-    code, _, stderr = run_cli(["explain", files / "ramp.jpg", "--model", "efficientnet_b0", "--weights",
-                               tmp_path / "eff.pt", "--composite", "epsilon_plus", "--out", tmp_path / "out"])
+    torch.save(torchvision.models.swin_t(weights=None).state_dict(), tmp_path / "swin.pt")
+    code, _, stderr = run_cli(["explain", files / "ramp.jpg", "--model", "swin_t", "--weights",
+                               tmp_path / "swin.pt", "--composite", "epsilon_plus", "--out", tmp_path / "out"])
     assert code == 2 and stderr.count("\n") == 1
-    assert "cannot be converted for LRP" in stderr and "StochasticDepth" in stderr
+    assert "cannot be converted for LRP" in stderr and "ShiftedWindowAttention" in stderr
     assert not (tmp_path / "out").exists()
 
 
