@@ -52,6 +52,48 @@ def peak_memory(fn, device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+_RSS_CHILD = r"""
+import sys, torch, torchvision, lrpx
+name, method, batch, size, threads, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
+    int(sys.argv[5]), getattr(torch, sys.argv[6])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = getattr(torchvision.models, name)(weights=None).eval().to(dtype)
+for p in model.parameters():
+    p.requires_grad_(False)
+if method != "input-gradient":
+    model = lrpx.convert(model, None if method == "epsilon" else lrpx.composites.get_preset(method, **(
+        {"low": -3.0, "high": 3.0} if method == "epsilon_gamma_box" else {})))
+x = torch.randn(batch, 3, size, size, dtype=dtype)
+target = torch.arange(batch) % 1000
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+xin = x.requires_grad_()
+out = model(xin)
+r = torch.zeros_like(out)
+r[torch.arange(batch), target] = out.detach()[torch.arange(batch), target]
+(g,) = torch.autograd.grad(out, xin, r)
+print(status("VmHWM") - base)
+"""
+
+
+def peak_rss(name: str, method: str, batch: int, size: int, threads: int, dtype: str) -> float | None:
+    """Peak resident memory of one explanation above the process's resident memory before it
+    (MiB), measured in a fresh process; None where Linux's /proc peak reset is unavailable."""
+    import subprocess
+    import sys
+    try:
+        done = subprocess.run([sys.executable, "-c", _RSS_CHILD, name, method, str(batch), str(size), str(threads),
+                               dtype], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return float(done.stdout.split()[-1])
+
+
 def grad_step(model, x, target):
     def run():
         xin = x.detach().requires_grad_()
@@ -96,6 +138,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-peers", action="store_true", help="skip zennit even when installed")
+    p.add_argument("--memory", action="store_true",
+                   help="CPU: also measure each method's peak resident memory in a fresh process")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -108,8 +152,8 @@ def main(argv=None):
     name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device={device} ({name_dev}) dtype={args.dtype} threads={args.threads} torch={torch.__version__} "
           f"input={args.size}x{args.size} repeat={args.repeat} (median)")
-    print("| model | batch | method | time (ms) | ratio to input-gradient | peak GPU memory (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | method | time (ms) | ratio to input-gradient | peak memory (MiB) | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval().to(device, dtype)
@@ -130,10 +174,16 @@ def main(argv=None):
                 steps["zennit EpsilonGammaBox"] = zennit_step(model, x, target, name)
             times = interleaved(steps, device, args.repeat)
             base = times["input-gradient"]
+            memory = {k: peak_memory(steps[k], device) for k in times}
+            if device.type == "cpu" and args.memory:
+                memory.update({k: peak_rss(name, k.removeprefix("lrpx "), batch, args.size, args.threads, args.dtype)
+                               for k in times if not k.startswith("zennit")})
             for k, t in times.items():
-                mem = peak_memory(steps[k], device)
+                mem, mem0 = memory.get(k), memory.get("input-gradient")
                 mem_txt = "-" if mem is None else f"{mem:.0f}"
-                print(f"| {name} | {batch} | {k} | {1000 * t:.1f} | {t / base:.2f} | {mem_txt} |", flush=True)
+                ratio_txt = "-" if mem is None or not mem0 else f"{mem / mem0:.2f}"
+                print(f"| {name} | {batch} | {k} | {1000 * t:.1f} | {t / base:.2f} | {mem_txt} | {ratio_txt} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -316,15 +316,75 @@ def canonize(model: nn.Module, *, trace: bool = True,
     replaced whole, so their forward code is not traced (``nn.MultiheadAttention``).
     Refuses training mode (BatchNorm folding needs running statistics).
     """
+    return canonize_with_sites(model, trace=trace, twins=twins)[0]
+
+
+@dataclass(frozen=True)
+class ReluSite:
+    """A weighted layer whose output only a ReLU reads: ``layer`` (qualified name) is called
+    once, in the forward of ``parent`` (a Sequential or a traced GraphModule), and ``relu``
+    is that ReLU's key in the Sequential or its node's name in the graph."""
+
+    parent: str
+    layer: str
+    relu: str
+
+
+def canonize_with_sites(model: nn.Module, *, trace: bool = True,
+                        twins: dict[type[nn.Module], type[nn.Module] | None] | None = None
+                        ) -> tuple[nn.Module, list[ReluSite]]:
+    """:func:`canonize`, plus the places where a weighted layer feeds only a ReLU (which
+    ``convert`` lets the layer apply in place; none without tracing)."""
     if any(m.training for m in model.modules()):
         raise ValueError("canonize needs an eval-mode model: call model.eval() first "
                          "(lrpx.convert does this on its copy)")
     out_of_place(model)
     if not trace:
         _fold_in_sequences(model)
-        return model
+        return model, []
     registry = default_twins()
     registry.update(twins or {})
     traced = _trace_all(model, tuple(cls for cls, twin in registry.items() if twin is not None))
     _fold_in_graphs(model, traced)
-    return rewrite_functional(model, traced)
+    root = rewrite_functional(model, traced)
+    return root, _relu_sites(root, traced)
+
+
+_WEIGHTED = tuple(_FOLDABLE) + (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _relu_sites(root: nn.Module, traced: list[_Traced]) -> list[ReluSite]:
+    called = Counter(_join(t.name, n.target) for t in traced for n in t.graph.nodes if n.op == "call_module")
+    uses = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+    sites = []
+    for t in traced:
+        parent = root.get_submodule(t.name) if t.name else root
+        graph_parent = isinstance(parent, fx.GraphModule)
+        if not (graph_parent or type(parent) is nn.Sequential) or (t.name and not called[t.name]):
+            continue  # a forward that never runs as traced (its parent iterates its children)
+        for node in t.graph.nodes:
+            if node.op != "call_module":
+                continue
+            layer_name = _join(t.name, node.target)
+            layer = root.get_submodule(layer_name)
+            if type(layer) not in _WEIGHTED or called[layer_name] != 1 or uses[id(layer)] != 1:
+                continue
+            relu = _only_reader(parent, node)
+            if relu is not None:
+                sites.append(ReluSite(t.name, layer_name, relu.name if graph_parent else relu.target))
+    return sites
+
+
+def _only_reader(parent: nn.Module, node: fx.Node) -> fx.Node | None:
+    """The ReLU call that alone reads ``node``'s output (through Identity calls), or None."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_module" or user.args != (node,) or user.kwargs:
+            return None
+        module = parent.get_submodule(user.target)
+        if type(module) is nn.ReLU:
+            return user
+        if type(module) is not nn.Identity:
+            return None
+        node = user
+    return None

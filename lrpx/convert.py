@@ -7,9 +7,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .canonizers import canonize, trace_children_as_leaves
+from .canonizers import ReluSite, canonize_with_sites, trace_children_as_leaves
 from .composites import Composite
-from .layers import Add, Product, Twin, default_twins
+from .layers import Add, FusedReLU, Product, Twin, default_twins
 from .rules import Rule
 
 __all__ = ["convert", "rule_table", "UnsupportedModuleError"]
@@ -29,6 +29,7 @@ def convert(
     inplace: bool = False,
     trace: bool = True,
     twins: dict[type[nn.Module], type[nn.Module] | None] | None = None,
+    fuse: bool = True,
 ) -> nn.Module:
     """Return a model that computes ``model``'s forward and whose gradient is LRP relevance.
 
@@ -48,6 +49,14 @@ def convert(
         of :func:`lrpx.layers.default_twins`. A twin class needs ``from_module(module, rule)``
         and, to receive a rule, an ``lrp_kind`` of "weighted", "elementwise" or "sum".
 
+    fuse
+        Let a Linear/Conv/BatchNorm layer whose output only a ReLU reads apply that ReLU in
+        place (the ReLU becomes :class:`lrpx.layers.FusedReLU`, or leaves the traced forward
+        code): the same forward and relevance with less memory and time. The relevance of
+        units with a non-positive pre-activation is then zero, as it is without fusing
+        unless a Flat or WSquare layer follows. ``False`` keeps every layer separate (e.g. to
+        read pre-activations with hooks).
+
     Returns
     -------
     nn.Module
@@ -60,7 +69,7 @@ def convert(
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     _check_supported(target, registry, traced=None)  # leaves first: before tracing can fail on them
-    target = canonize(target, trace=trace, twins=twins)
+    target, sites = canonize_with_sites(target, trace=trace, twins=twins)
     _check_supported(target, registry, traced=trace)
     table = (composite or Composite()).assign(target, canonize_copy=False, twins=twins)
     for name, rule in table.items():
@@ -72,7 +81,32 @@ def convert(
             continue
         parent, _, field = name.rpartition(".")
         setattr(target.get_submodule(parent) if parent else target, field, twin_cls.from_module(module, rule))
+    if fuse:
+        _fuse_relus(target, sites)
     return target.eval()
+
+
+def _fuse_relus(model: nn.Module, sites: list[ReluSite]) -> None:
+    """Let each weighted twin whose output only a ReLU reads apply that ReLU in place (its
+    rule permitting): the saved output is then the tensor the next layer reads anyway, which
+    saves one activation-sized tensor per layer and a pass over it."""
+    edited = set()
+    for site in sites:
+        layer = model.get_submodule(site.layer)
+        if not (isinstance(layer, Twin) and layer.rule.fusable):
+            continue
+        parent = model.get_submodule(site.parent) if site.parent else model
+        if isinstance(parent, fx.GraphModule):
+            node = next(n for n in parent.graph.nodes if n.name == site.relu)
+            node.replace_all_uses_with(node.args[0])
+            parent.graph.erase_node(node)
+            edited.add(parent)
+        else:
+            relu = parent._modules[site.relu]
+            parent._modules[site.relu] = FusedReLU.from_module(relu, relu.rule)
+        layer.fused_relu = True
+    for parent in edited:
+        parent.recompile()
 
 
 def _check_supported(model: nn.Module, registry: dict, *, traced: bool | None) -> None:

@@ -20,12 +20,15 @@ class LRPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, layer: Layer, rule: Rule) -> Tensor:
+    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, layer: Layer, rule: Rule,
+                relu: bool = False) -> Tensor:
         output = layer.forward(input, weight, bias)
+        if relu:
+            output = output.relu_()
         values = {"input": input, "weight": weight, "bias": bias, "output": output}
         ctx.names = rule.saves
         ctx.save_for_backward(*(values[name] for name in rule.saves))
-        ctx.layer, ctx.rule = layer, rule
+        ctx.layer, ctx.rule, ctx.relu = layer, rule, relu
         return output
 
     @staticmethod
@@ -33,10 +36,19 @@ class LRPFunction(torch.autograd.Function):
     def backward(ctx, relevance: Tensor):
         saved = dict.fromkeys(_SLOTS)
         saved.update(zip(ctx.names, ctx.saved_tensors))
-        relevance_in = ctx.rule.relevance(ctx.layer, relevance, **saved)
-        return relevance_in, None, None, None, None
+        rule = ctx.rule.relevance_after_relu if ctx.relu else ctx.rule.relevance
+        relevance_in = rule(ctx.layer, relevance, **saved)
+        return relevance_in, None, None, None, None, None
 
 
-def lrp_apply(layer: Layer, rule: Rule, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """Apply ``layer`` to ``input``; relevance flows back through ``rule``."""
-    return LRPFunction.apply(input, weight, bias, layer, rule)
+def lrp_apply(layer: Layer, rule: Rule, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+              *, relu: bool = False) -> Tensor:
+    """Apply ``layer`` to ``input``; relevance flows back through ``rule``.
+
+    ``relu=True`` applies a ReLU to the layer's output in place (``convert`` fuses a ReLU that
+    alone reads a layer's output), so that the output the rule saves is the tensor the next
+    layer reads anyway: the rule sees ``relu(z)`` for ``z``, the same where ``z > 0``, and the
+    relevance of dead units (``z <= 0``) is zero, which it is whenever the next layers' rules
+    are proportional to their inputs (all but Flat and WSquare).
+    """
+    return LRPFunction.apply(input, weight, bias, layer, rule, relu)

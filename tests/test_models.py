@@ -102,7 +102,7 @@ def test_resnet_relu_called_twice_is_correct():
     """BasicBlock calls one ReLU module twice; each call must route its own relevance."""
     net = randomized("resnet18")
     block = net.layer1[0]
-    lrp = lrpx.convert(torch.nn.Sequential(block))
+    lrp = lrpx.convert(torch.nn.Sequential(block), fuse=False)  # keep both ReLU calls
     x = torch.randn(1, 64, 8, 8, dtype=torch.float64)
     # conv-bn-relu-conv-bn (+x) -relu: the input relevance is sum(y) minus exactly what the
     # folded biases and the stabilizers absorb, call by call

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..rules.base import Rule
-from .activation import ACTIVATION_TWINS, ACTIVATIONS
+from .activation import ACTIVATION_TWINS, ACTIVATIONS, FusedReLU
 from .base import Twin
 from .attention import ATTENTION_TWINS
 from .merge import Add, Product
@@ -21,7 +21,7 @@ from .pooling import (LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d, LRPAdaptiveAvg
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Product", "twin", "default_twins", "kind_of", "batchnorm_affine",
+__all__ = ["Twin", "Add", "Mean", "Product", "FusedReLU", "twin", "default_twins", "kind_of", "batchnorm_affine",
            "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT"]
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

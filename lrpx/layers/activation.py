@@ -33,4 +33,17 @@ def _activation_twin(cls: type[nn.Module]) -> type[nn.Module]:
 #: ``{torch activation class: twin class}``
 ACTIVATION_TWINS: dict[type[nn.Module], type[nn.Module]] = {cls: _activation_twin(cls) for cls in ACTIVATIONS}
 globals().update({twin.__name__: twin for twin in ACTIVATION_TWINS.values()})
-__all__ = [twin.__name__ for twin in ACTIVATION_TWINS.values()] + ["ACTIVATIONS", "ACTIVATION_TWINS"]
+
+
+class FusedReLU(ACTIVATION_TWINS[nn.ReLU]):  # type: ignore[misc, valid-type]
+    """A ReLU that the layer before it applies (``convert`` fuses the pair when this ReLU alone
+    reads that layer's output): forward returns its input, which is already ``>= 0``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", applied by the layer before (fused)"
+
+
+__all__ = [twin.__name__ for twin in ACTIVATION_TWINS.values()] + ["ACTIVATIONS", "ACTIVATION_TWINS", "FusedReLU"]

@@ -17,6 +17,8 @@ class Twin:
     """
 
     rule: Rule
+    #: weighted twins: apply the ReLU that alone reads this layer's output (set by ``convert``)
+    fused_relu: bool = False
 
     @classmethod
     def from_module(cls: type[T], module: nn.Module, rule: Rule) -> T:
@@ -33,4 +35,5 @@ class Twin:
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
-        return f"{base}, rule={self.rule!r}" if base else f"rule={self.rule!r}"
+        extra = f"rule={self.rule!r}" + (", then ReLU (fused)" if self.fused_relu else "")
+        return f"{base}, {extra}" if base else extra

@@ -19,7 +19,7 @@ class LRPLinear(Twin, nn.Linear):
     """``nn.Linear`` whose backward applies its LRP rule."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return lrp_apply(_LINEAR, self.rule, input, self.weight, self.bias)
+        return lrp_apply(_LINEAR, self.rule, input, self.weight, self.bias, relu=self.fused_relu)
 
 
 class _ConvTwin(Twin):
@@ -36,7 +36,7 @@ class _ConvTwin(Twin):
             if hasattr(rule, "padded"):
                 rule = rule.padded(pad, mode)
         ops = ConvOps(dim, tuple(self.stride), tuple(padding), tuple(self.dilation), self.groups)
-        return lrp_apply(ops, rule, input, self.weight, self.bias)
+        return lrp_apply(ops, rule, input, self.weight, self.bias, relu=self.fused_relu)
 
 
 def _string_padding(mode: str, kernel_size, dilation) -> tuple[tuple[int, ...], list[int] | None]:
@@ -83,7 +83,7 @@ class _BatchNormTwin(Twin):
         if self.training:
             raise RuntimeError(f"{type(self).__name__} explains eval-mode BatchNorm only; call .eval() on the model")
         scale, shift = batchnorm_affine(self)
-        return lrp_apply(DiagonalOps(), self.rule, input, scale, shift)
+        return lrp_apply(DiagonalOps(), self.rule, input, scale, shift, relu=self.fused_relu)
 
 
 class LRPBatchNorm1d(_BatchNormTwin, nn.BatchNorm1d):

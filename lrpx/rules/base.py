@@ -75,6 +75,9 @@ class Rule:
     saves: tuple[str, ...] = ("input", "weight", "bias", "output")
     #: the kinds of layer the rule applies to: "weighted", "elementwise" or "sum"
     kinds: frozenset[str] = frozenset({"weighted"})
+    #: whether the rule is unchanged when it reads ``relu(z)`` for the saved output ``z`` where
+    #: its relevance is zero at ``z <= 0`` (then ``convert`` may fuse a following ReLU)
+    fusable: bool = False
 
     def relevance(
         self,
@@ -87,6 +90,17 @@ class Rule:
     ) -> Tensor:
         """Return the relevance of ``input`` given the relevance of ``output``."""
         raise NotImplementedError
+
+    def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
+        """:meth:`relevance` of a layer that applied a fused ReLU: ``output`` is ``relu(z)``.
+
+        Units with ``z <= 0`` pass no relevance. Rules that do not read ``output`` need no
+        change; the others see ``relu(z) == z`` wherever relevance remains. Rules override
+        this to mask without a full copy of ``relevance``.
+        """
+        if output is not None:
+            relevance = torch.where(output > 0, relevance, 0.0)
+        return self.relevance(layer, relevance, input, weight, bias, output)
 
     def _fields(self) -> dict[str, object]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -41,11 +41,6 @@ def _bias_or_zero(layer: Layer, bias: Tensor | None, like: Tensor) -> Tensor | f
     return 0.0 if bias is None else _bias_like(layer, bias, like)
 
 
-def _minus_bias(z: Tensor, bias: Tensor | None, layer: Layer) -> Tensor:
-    """``z - b``: the weighted part of the saved output."""
-    return z if bias is None else z - _bias_like(layer, bias, z)
-
-
 class Epsilon(Rule):
     r"""LRP-:math:`\epsilon` (Bach et al. 2015).
 
@@ -74,6 +69,10 @@ class Epsilon(Rule):
             del fields["relative"]
         return fields
 
+    @property
+    def fusable(self) -> bool:  # type: ignore[override]
+        return not self.relative  # the relative stabilizer reads the RMS of all of z
+
     def _stabilizer(self, z: Tensor) -> float | Tensor:
         if not self.relative:
             return self.epsilon
@@ -82,6 +81,10 @@ class Epsilon(Rule):
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         s = divide(relevance, output, self._stabilizer(output))
+        return layer.vjp(s, weight, input).mul_(input)
+
+    def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
+        s = divide(relevance, output, self._stabilizer(output)).mul_(output > 0)  # dead units: 0
         return layer.vjp(s, weight, input).mul_(input)
 
 
@@ -95,6 +98,9 @@ class AlphaBeta(Rule):
     :math:`s^- = R / \mathrm{stab}(W^-x^+ + b^- + W^+x^-)`. Requires
     :math:`\alpha - \beta = 1`, both :math:`\ge 0`. ``AlphaBeta(1, 0)`` is z+.
     """
+
+    saves = ("input", "weight", "bias")  # its denominators are forwards of their own
+    fusable = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6) -> None:
         alpha, beta = _check_nonnegative("alpha", alpha), _check_nonnegative("beta", beta)
@@ -115,33 +121,40 @@ class AlphaBeta(Rule):
     def _nonnegative(self, layer, relevance, x, weight, bias, z):
         # x >= 0: x+ = x, x- = 0. Both branches are computed directly (W- x as z - b - W+ x
         # would cancel, and an empty branch would then amplify rounding noise by R / e)
-        wp = positive(weight)
-        u = layer.forward(x, wp, None)
-        s_p = divide(relevance, u + _bias_or_zero(layer, positive(bias), u), self.epsilon)
-        out = layer.vjp(s_p.mul_(self.alpha) if self.alpha != 1 else s_p, wp, x)
+        out = self._branch(layer, relevance, x, positive(weight), positive(bias), self.alpha)
         if self.beta == 0:
             return out.mul_(x)
-        wn = negative(weight)
-        v = layer.forward(x, wn, None)
-        s_n = divide(relevance, v + _bias_or_zero(layer, negative(bias), v), self.epsilon)
-        return out.sub_(layer.vjp(s_n.mul_(self.beta), wn, x)).mul_(x)
+        return out.sub_(self._branch(layer, relevance, x, negative(weight), negative(bias), self.beta)).mul_(x)
+
+    def _branch(self, layer, relevance, x, w, b, factor):
+        """``g(factor * R / stab(w x + b); w)``, one output-sized temporary at a time."""
+        z = layer.forward(x, w, None)
+        if b is not None:
+            z.add_(_bias_like(layer, b, z))
+        s = divide(relevance, z, self.epsilon)
+        del z
+        return layer.vjp(s.mul_(factor) if factor != 1 else s, w, x)
 
     def _signed(self, layer, relevance, x, weight, bias):
         xp, xn = _split(x)
         wp, wn = positive(weight), negative(weight)
-        both = torch.cat([xp, xn])
-        pp, pn = layer.forward(both, wp, None).chunk(2)  # W+ x+, W+ x-
-        np_, nn_ = layer.forward(both, wn, None).chunk(2)  # W- x+, W- x-
-        z_p = pp + nn_ + _bias_or_zero(layer, positive(bias), pp)
-        s_p = divide(relevance, z_p, self.epsilon)
+        # alpha [x+ g(s_p; W+) + x- g(s_p; W-)], s_p = R / stab(W+ x+ + W- x- + b+)
+        out = self._signed_branch(layer, relevance, xp, xn, wp, wn, positive(bias), self.alpha)
         if self.beta == 0:
-            return self.alpha * (xp * layer.vjp(s_p, wp, x) + xn * layer.vjp(s_p, wn, x))
-        z_n = np_ + pn + _bias_or_zero(layer, negative(bias), pp)
-        s_n = divide(relevance, z_n, self.epsilon)
-        stacked = torch.cat([self.alpha * s_p, self.beta * s_n])
-        p1, p2 = layer.vjp(stacked, wp, _twice(x)).chunk(2)
-        n1, n2 = layer.vjp(stacked, wn, _twice(x)).chunk(2)
-        return xp * (p1 - n2) + xn * (n1 - p2)
+            return out
+        # - beta [x+ g(s_n; W-) + x- g(s_n; W+)], s_n = R / stab(W- x+ + W+ x- + b-)
+        return out.sub_(self._signed_branch(layer, relevance, xp, xn, wn, wp, negative(bias), self.beta))
+
+    def _signed_branch(self, layer, relevance, xp, xn, w1, w2, b, factor):
+        """``factor [x+ g(s; w1) + x- g(s; w2)]`` with ``s = R / stab(w1 x+ + w2 x- + b)``."""
+        z = layer.forward(xp, w1, None).add_(layer.forward(xn, w2, None))
+        if b is not None:
+            z.add_(_bias_like(layer, b, z))
+        s = divide(relevance, z, self.epsilon)
+        del z
+        if factor != 1:
+            s.mul_(factor)
+        return layer.vjp(s, w1, xp).mul_(xp).add_(layer.vjp(s, w2, xn).mul_(xn))
 
 
 class ZPlus(AlphaBeta):
@@ -175,10 +188,16 @@ class Gamma(Rule):
     ``x >= 0``.
     """
 
+    fusable = True
+
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
         self.gamma = _check_nonnegative("gamma", gamma)
         self.epsilon = _check_nonnegative("epsilon", epsilon)
         self._freeze()
+
+    def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
+        # relu(z) has sign 0 where z <= 0, and the rule scales every term by sign(z)
+        return self.relevance(layer, relevance, input, weight, bias, output)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         x, z, g = input, output, self.gamma
@@ -192,16 +211,19 @@ class Gamma(Rule):
         # z_p = z + g v and z_n = z + g (z - v) with v = u + b+ (as b - b- = b+); only one of
         # them is used per output (by the sign of z), so one denominator serves both:
         # zz = z + g (sign(z) v + min(z, 0)), s = R / stab(zz), s_p = [z > 0] s, s_n = [z < 0] s
+        # (sign(z) is recomputed where needed: one output-sized tensor fewer alive)
         v = u if bias is None else u.add_(_bias_like(layer, positive(bias), u))
-        sign = torch.sign(z)
-        t = torch.addcmul(z.clamp(max=0), sign, v)
-        s = divide(relevance, torch.add(z, t, alpha=g, out=t), self.epsilon)
-        a = s.mul_(sign)  # s_p - s_n
+        zz = v.mul_(torch.sign(z)).add_(z.clamp(max=0)).mul_(g).add_(z)  # in v's buffer
+        del u, v
+        a = divide(relevance, zz, self.epsilon).mul_(torch.sign(z))  # s_p - s_n
+        del zz
         d = layer.vjp(a, wp, x)
         # s_p + (1 + g) s_n = a ((1 + g/2) sign - g/2), (1 + g) s_p + s_n = a ((1 + g/2) sign + g/2)
         if nonneg:  # x [g(s_p + (1 + g) s_n; W) + g d]
-            return layer.vjp(sign.mul_(1 + g / 2).sub_(g / 2).mul_(a), weight, x).add_(d, alpha=g).mul_(x)
-        k = sign.mul_(1 + g / 2)
+            c = torch.sign(z).mul_(1 + g / 2).sub_(g / 2).mul_(a)
+            del a
+            return layer.vjp(c, weight, x).add_(d, alpha=g).mul_(x)
+        k = torch.sign(z).mul_(1 + g / 2)
         stacked = torch.cat([(k - g / 2).mul_(a), (k + g / 2).mul_(a)])
         p, n = layer.vjp(stacked, weight, _twice(x)).chunk(2)
         return x.clamp(min=0) * p + x.clamp(max=0) * n + g * x.abs() * d
@@ -220,6 +242,8 @@ class ZBox(Rule):
         Bounds of the input, floats or tensors broadcastable to it (per channel, e.g. shape
         ``(1, C, 1, 1)`` for a normalised image). ``low <= high`` everywhere.
     """
+
+    fusable = True
 
     def __init__(self, low: float | Tensor, high: float | Tensor, epsilon: float = 1e-6) -> None:
         low_t, high_t = torch.as_tensor(low), torch.as_tensor(high)
@@ -245,19 +269,24 @@ class ZBox(Rule):
             return F.pad(b, pad, mode=mode if mode != "zeros" else "constant")
         return ZBox(grow(self.low), grow(self.high), self.epsilon)
 
-    def relevance(self, layer, relevance, input, weight, bias, output):
+    def relevance(self, layer, relevance, input, weight, bias, output, dead_units_pass_nothing=False):
         x = input
         low, high = _bound(self.low, x), _bound(self.high, x)
         wp = positive(weight)
-        # the biases cancel: b - b+ - b- = 0
-        z_b = (
-            _minus_bias(output, bias, layer)
-            - layer.forward(low, wp, None)
-            - layer.forward(high, weight - wp, None)
-        )
+        # the biases cancel: b - b+ - b- = 0; the bound terms are one sample (unless per sample)
+        offset = layer.forward(low, wp, None).add_(layer.forward(high, weight - wp, None))
+        if bias is not None:
+            offset.add_(_bias_like(layer, bias, offset))
+        z_b = output - offset
         s = divide(relevance, z_b, self.epsilon)
+        del z_b
+        if dead_units_pass_nothing:
+            s.mul_(output > 0)
         # x g(s; W) - l g(s; W+) - h g(s; W-) with g(s; W-) = g(s; W) - g(s; W+)
         return (x - high) * layer.vjp(s, weight, x) + (high - low) * layer.vjp(s, wp, x)
+
+    def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
+        return self.relevance(layer, relevance, input, weight, bias, output, dead_units_pass_nothing=True)
 
 
 def _bound(value: float | Tensor, x: Tensor) -> Tensor:
@@ -280,6 +309,8 @@ class Flat(Rule):
     where ``z`` is a forward of ones with unit weights and no bias (zero padding counts 0).
     """
 
+    fusable = True
+
     saves = ("input", "weight")
 
     def __init__(self, epsilon: float = 1e-6) -> None:
@@ -297,6 +328,8 @@ class WSquare(Rule):
 
     .. math:: z = f(\mathbf{1}; W^2, b^2), \qquad R_j = g(R / \mathrm{stab}(z); W^2)
     """
+
+    fusable = True
 
     saves = ("input", "weight", "bias")
 

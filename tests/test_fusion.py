@@ -1,0 +1,96 @@
+"""A ReLU that alone reads a layer's output is applied by that layer in place: the forward
+and the relevance are those of the unfused model (for rules proportional to their inputs
+downstream), and what is fused is exactly the Linear/Conv/BatchNorm -> ReLU pairs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lrpx
+from lrpx.layers import FusedReLU
+from zoo import randomized
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COMPOSITES = {
+    "epsilon": lambda: lrpx.Composite(),
+    "epsilon_gamma_box": lambda: lrpx.composites.epsilon_gamma_box(-3.0, 3.0),
+    "epsilon_plus_flat": lambda: lrpx.composites.epsilon_plus_flat(),
+    "epsilon_alpha2_beta1": lambda: lrpx.composites.epsilon_alpha2_beta1(),
+    "tutorial": lambda: lrpx.composites.tutorial(-3.0, 3.0),
+}
+
+
+def _relevance(model, x):
+    xin = x.clone().requires_grad_()
+    y = model(xin)
+    (rel,) = torch.autograd.grad(y, xin, y.detach())
+    return y.detach(), rel
+
+
+@pytest.fixture(scope="module", params=["vgg11_bn", "resnet18", "densenet121"])
+def net(request):
+    return request.param, randomized(request.param, num_classes=10)
+
+
+@pytest.mark.parametrize("composite", list(COMPOSITES))
+def test_fused_equals_unfused(net, composite):
+    name, model = net
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fused = lrpx.convert(model, COMPOSITES[composite]())
+    plain = lrpx.convert(model, COMPOSITES[composite](), fuse=False)
+    y1, r1 = _relevance(fused, x)
+    y0, r0 = _relevance(plain, x)
+    assert torch.equal(y1, y0)
+    torch.testing.assert_close(r1, r0, rtol=1e-10, atol=1e-12 * float(r0.abs().max()))
+    n_fused = sum(getattr(m, "fused_relu", False) for m in fused.modules())
+    assert n_fused > 0 and not any(getattr(m, "fused_relu", False) for m in plain.modules())
+    if composite == "tutorial":  # relative epsilon reads all of z: those layers stay separate
+        relative = [m for m in fused.modules() if isinstance(getattr(m, "rule", None), lrpx.rules.Epsilon)
+                    and m.rule.relative]
+        assert relative and not any(m.fused_relu for m in relative)
+
+
+def test_what_is_fused():
+    model = randomized("vgg11_bn", num_classes=10)
+    lrp = lrpx.convert(model)
+    convs = [m for m in lrp.features if isinstance(m, nn.Conv2d)]
+    # every conv (BatchNorm folded in between) and the two hidden Linear layers apply their ReLU
+    assert all(m.fused_relu for m in convs)
+    assert [m.fused_relu for m in lrp.classifier if isinstance(m, nn.Linear)] == [True, True, False]
+    assert sum(isinstance(m, FusedReLU) for m in lrp.modules()) == len(convs) + 2
+    resnet = lrpx.convert(randomized("resnet18", num_classes=10))
+    block = resnet.layer1[0]
+    # conv1 -> bn1 -> relu is fused; the ReLU after the residual sum (same module) stays
+    assert block.conv1.fused_relu and not block.conv2.fused_relu
+    assert "relu" in block.code and block.code.count("self.relu(") == 1
+
+
+def test_shared_layer_and_second_reader_are_not_fused():
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.relu, self.head = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            z = self.fc(x)
+            return self.head(self.relu(z) + z)  # z has a second reader
+
+    lrp = lrpx.convert(TwoReaders().double().eval())
+    assert not lrp.fc.fused_relu
+    shared = nn.Linear(3, 3)
+    lrp2 = lrpx.convert(nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU()).double().eval())
+    assert not any(getattr(m, "fused_relu", False) for m in lrp2.modules())
+
+
+def test_flat_after_relu_stays_finite():
+    """Flat gives relevance to dead units too; fused, those units pass none (documented)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    composite = lrpx.Composite([(lrpx.composites.Last(), lrpx.rules.Flat())])
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fused = lrpx.convert(model, composite)
+    assert fused[0].fused_relu
+    _, rel = _relevance(fused, x)
+    assert torch.isfinite(rel).all()
