@@ -81,17 +81,21 @@ print(status("VmHWM") - base)
 """
 
 
-def peak_rss(name: str, method: str, batch: int, size: int, threads: int, dtype: str) -> float | None:
+def peak_rss(name: str, method: str, batch: int, size: int, threads: int, dtype: str, runs: int = 3) -> float | None:
     """Peak resident memory of one explanation above the process's resident memory before it
-    (MiB), measured in a fresh process; None where Linux's /proc peak reset is unavailable."""
+    (MiB), the median of ``runs`` fresh processes; None where Linux's /proc peak reset is
+    unavailable."""
     import subprocess
     import sys
-    try:
-        done = subprocess.run([sys.executable, "-c", _RSS_CHILD, name, method, str(batch), str(size), str(threads),
-                               dtype], capture_output=True, text=True, check=True)
-    except (subprocess.CalledProcessError, OSError):
-        return None
-    return float(done.stdout.split()[-1])
+    peaks = []
+    for _ in range(runs):
+        try:
+            done = subprocess.run([sys.executable, "-c", _RSS_CHILD, name, method, str(batch), str(size),
+                                   str(threads), dtype], capture_output=True, text=True, check=True)
+        except (subprocess.CalledProcessError, OSError):
+            return None
+        peaks.append(float(done.stdout.split()[-1]))
+    return statistics.median(peaks)
 
 
 def grad_step(model, x, target):
@@ -138,6 +142,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-peers", action="store_true", help="skip zennit even when installed")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd input-gradient and epsilon_gamma_box models")
     p.add_argument("--memory", action="store_true",
                    help="CPU: also measure each method's peak resident memory in a fresh process")
     args = p.parse_args(argv)
@@ -166,6 +172,9 @@ def main(argv=None):
             "lrpx epsilon_plus_flat": lrpx.convert(model, lrpx.composites.epsilon_plus_flat()),
             "lrpx epsilon_alpha2_beta1": lrpx.convert(model, lrpx.composites.epsilon_alpha2_beta1()),
         }
+        if args.compile:
+            methods["input-gradient (compiled)"] = torch.compile(model)
+            methods["lrpx epsilon_gamma_box (compiled)"] = torch.compile(methods["lrpx epsilon_gamma_box"])
         for batch in args.batch:
             x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)
             target = torch.arange(batch, device=device) % 1000
@@ -177,7 +186,7 @@ def main(argv=None):
             memory = {k: peak_memory(steps[k], device) for k in times}
             if device.type == "cpu" and args.memory:
                 memory.update({k: peak_rss(name, k.removeprefix("lrpx "), batch, args.size, args.threads, args.dtype)
-                               for k in times if not k.startswith("zennit")})
+                               for k in times if not k.startswith("zennit") and "compiled" not in k})
             for k, t in times.items():
                 mem, mem0 = memory.get(k), memory.get("input-gradient")
                 mem_txt = "-" if mem is None else f"{mem:.0f}"

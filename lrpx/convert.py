@@ -11,6 +11,7 @@ from .canonizers import ReluSite, canonize_with_sites, trace_children_as_leaves
 from .composites import Composite
 from .layers import Add, FusedReLU, Product, Twin, default_twins
 from .rules import Rule
+from .signs import mark_nonnegative_inputs
 
 __all__ = ["convert", "rule_table", "UnsupportedModuleError"]
 
@@ -83,6 +84,7 @@ def convert(
         setattr(target.get_submodule(parent) if parent else target, field, twin_cls.from_module(module, rule))
     if fuse:
         _fuse_relus(target, sites)
+    mark_nonnegative_inputs(target)
     return target.eval()
 
 

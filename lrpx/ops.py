@@ -33,6 +33,7 @@ class LinearOps:
     """``F.linear``; VJP ``s @ W``."""
 
     channel_axis: int = -1
+    input_nonnegative: bool = False
 
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(input, weight, bias)
@@ -51,6 +52,7 @@ class ConvOps:
     dilation: tuple[int, ...]
     groups: int
     channel_axis: int = 1
+    input_nonnegative: bool = False
 
     def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return _CONV[self.dim](input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -67,6 +69,7 @@ class DiagonalOps:
     """A per-channel affine map ``x * w + b`` (BatchNorm in eval mode); VJP ``s * w``."""
 
     channel_axis: int = 1
+    input_nonnegative: bool = False
 
     def _view(self, t: Tensor, ndim: int) -> Tensor:
         shape = [1] * ndim

@@ -94,3 +94,46 @@ def test_flat_after_relu_stays_finite():
     assert fused[0].fused_relu
     _, rel = _relevance(fused, x)
     assert torch.isfinite(rel).all()
+
+
+# ------------------------------------------------------------------ inputs >= 0 by construction
+
+def test_nonnegative_inputs_are_known_from_the_model():
+    for name, first in [("vgg11_bn", "features.0"), ("resnet18", "conv1")]:
+        lrp = lrpx.convert(randomized(name, num_classes=10), lrpx.composites.epsilon_gamma_box(-3.0, 3.0))
+        weighted = {n: m for n, m in lrp.named_modules()
+                    if isinstance(m, lrpx.layers.Twin) and lrpx.layers.kind_of(m) == "weighted"}
+        assert [n for n, m in weighted.items() if not m.input_nonnegative] == [first]
+
+
+def test_signed_inputs_are_not_marked():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.ConstantPad2d(1, -1.0), nn.Conv2d(3, 3, 3),  # pad with -1
+        nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Tanh(), nn.Conv2d(3, 3, 1),  # tanh is signed
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 2),  # after ReLU and pooling: >= 0
+    ).double().eval()
+    lrp = lrpx.convert(model, lrpx.Composite(default=lrpx.rules.Gamma(0.25)))
+    marks = [m.input_nonnegative for m in lrp if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert marks == [False, False, True, False, True]
+
+
+def test_marked_layers_never_look_at_the_data_and_agree_with_the_signed_forms(monkeypatch):
+    model = randomized("resnet18", num_classes=10)
+    lrp = lrpx.convert(model, lrpx.composites.epsilon_gamma_box(-3.0, 3.0))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    checks = []
+    real = lrpx.rules.base.is_nonnegative
+
+    def counting(t, layer=None):
+        if not getattr(layer, "input_nonnegative", False):
+            checks.append(layer)
+        return real(t, layer)
+
+    monkeypatch.setattr(lrpx.rules.linear, "is_nonnegative", counting)
+    _, hinted = _relevance(lrp, x)
+    assert checks == []  # conv1 takes ZBox: no rule had to look at its input
+    # the general (signed) forms on the same non-negative inputs give the same relevance
+    monkeypatch.setattr(lrpx.rules.linear, "is_nonnegative", lambda t, layer=None: False)
+    _, general = _relevance(lrp, x)
+    torch.testing.assert_close(hinted, general, rtol=1e-9, atol=1e-12 * float(general.abs().max()))

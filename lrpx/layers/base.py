@@ -19,6 +19,9 @@ class Twin:
     rule: Rule
     #: weighted twins: apply the ReLU that alone reads this layer's output (set by ``convert``)
     fused_relu: bool = False
+    #: weighted twins: every input is >= 0 by construction, so rules take their non-negative
+    #: forms without checking the data (set by ``convert``, see :mod:`lrpx.signs`)
+    input_nonnegative: bool = False
 
     @classmethod
     def from_module(cls: type[T], module: nn.Module, rule: Rule) -> T:

@@ -12,14 +12,15 @@ from .base import Twin
 __all__ = ["LRPLinear", "LRPConv1d", "LRPConv2d", "LRPConv3d",
            "LRPBatchNorm1d", "LRPBatchNorm2d", "LRPBatchNorm3d", "batchnorm_affine"]
 
-_LINEAR = LinearOps()
+_LINEAR, _LINEAR_NONNEGATIVE = LinearOps(), LinearOps(input_nonnegative=True)
 
 
 class LRPLinear(Twin, nn.Linear):
     """``nn.Linear`` whose backward applies its LRP rule."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return lrp_apply(_LINEAR, self.rule, input, self.weight, self.bias, relu=self.fused_relu)
+        ops = _LINEAR_NONNEGATIVE if self.input_nonnegative else _LINEAR
+        return lrp_apply(ops, self.rule, input, self.weight, self.bias, relu=self.fused_relu)
 
 
 class _ConvTwin(Twin):
@@ -35,7 +36,8 @@ class _ConvTwin(Twin):
             input = F.pad(input, pad, mode=mode if mode != "zeros" else "constant")
             if hasattr(rule, "padded"):
                 rule = rule.padded(pad, mode)
-        ops = ConvOps(dim, tuple(self.stride), tuple(padding), tuple(self.dilation), self.groups)
+        ops = ConvOps(dim, tuple(self.stride), tuple(padding), tuple(self.dilation), self.groups,
+                      input_nonnegative=self.input_nonnegative)
         return lrp_apply(ops, rule, input, self.weight, self.bias, relu=self.fused_relu)
 
 
@@ -83,7 +85,8 @@ class _BatchNormTwin(Twin):
         if self.training:
             raise RuntimeError(f"{type(self).__name__} explains eval-mode BatchNorm only; call .eval() on the model")
         scale, shift = batchnorm_affine(self)
-        return lrp_apply(DiagonalOps(), self.rule, input, scale, shift, relu=self.fused_relu)
+        ops = DiagonalOps(input_nonnegative=self.input_nonnegative)
+        return lrp_apply(ops, self.rule, input, scale, shift, relu=self.fused_relu)
 
 
 class LRPBatchNorm1d(_BatchNormTwin, nn.BatchNorm1d):

@@ -25,6 +25,7 @@ class Layer(Protocol):
     """
 
     channel_axis: int
+    input_nonnegative: bool
 
     def forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor: ...
 
@@ -60,9 +61,23 @@ def negative(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def is_nonnegative(t: Tensor) -> bool:
-    """Whether every entry is ``>= 0`` (inputs after a ReLU take the cheap forms)."""
+def is_nonnegative(t: Tensor, layer: "Layer | None" = None) -> bool:
+    """Whether every entry of a layer input is ``>= 0`` (inputs after a ReLU take the cheap
+    forms): known from the model when ``layer.input_nonnegative`` (no look at the data);
+    otherwise checked, which synchronises with a GPU. Under ``torch.compile`` an unknown
+    input counts as signed (the general forms, and no graph break)."""
+    if getattr(layer, "input_nonnegative", False):
+        return True
+    if _compiling():
+        return False
     return bool(t.min() >= 0) if t.numel() else True
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()  # torch < 2.3
 
 
 class Rule:

@@ -114,7 +114,7 @@ class AlphaBeta(Rule):
         self._freeze()
 
     def relevance(self, layer, relevance, input, weight, bias, output):
-        if is_nonnegative(input):
+        if is_nonnegative(input, layer):
             return self._nonnegative(layer, relevance, input, weight, bias, output)
         return self._signed(layer, relevance, input, weight, bias)
 
@@ -202,7 +202,7 @@ class Gamma(Rule):
     def relevance(self, layer, relevance, input, weight, bias, output):
         x, z, g = input, output, self.gamma
         wp = positive(weight)
-        nonneg = is_nonnegative(x)
+        nonneg = is_nonnegative(x, layer)
         if nonneg:
             u = layer.forward(x, wp, None)
         else:
