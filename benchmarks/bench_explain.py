@@ -70,28 +70,36 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) / 1024
+def explain():
+    xin = x.detach().requires_grad_()
+    out = model(xin)
+    r = torch.zeros_like(out)
+    r[torch.arange(batch), target] = out.detach()[torch.arange(batch), target]
+    return torch.autograd.grad(out, xin, r)[0]
+explain()  # one-time initialisations (kernel caches) are not the explanation's memory
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = status("VmRSS")
-xin = x.requires_grad_()
-out = model(xin)
-r = torch.zeros_like(out)
-r[torch.arange(batch), target] = out.detach()[torch.arange(batch), target]
-(g,) = torch.autograd.grad(out, xin, r)
+explain()
 print(status("VmHWM") - base)
 """
+#: large blocks come from and go back to the OS at once, so resident memory follows live tensors
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def peak_rss(name: str, method: str, batch: int, size: int, threads: int, dtype: str, runs: int = 3) -> float | None:
     """Peak resident memory of one explanation above the process's resident memory before it
-    (MiB), the median of ``runs`` fresh processes; None where Linux's /proc peak reset is
+    (MiB): the second explanation in a fresh process whose allocator returns large blocks to
+    the OS at once, median of ``runs`` processes; None where Linux's /proc peak reset is
     unavailable."""
+    import os
     import subprocess
     import sys
     peaks = []
     for _ in range(runs):
         try:
             done = subprocess.run([sys.executable, "-c", _RSS_CHILD, name, method, str(batch), str(size),
-                                   str(threads), dtype], capture_output=True, text=True, check=True)
+                                   str(threads), dtype], capture_output=True, text=True, check=True,
+                                  env={**os.environ, **_MALLOC_ENV})
         except (subprocess.CalledProcessError, OSError):
             return None
         peaks.append(float(done.stdout.split()[-1]))
@@ -146,6 +154,7 @@ def main(argv=None):
                    help="also time torch.compile'd input-gradient and epsilon_gamma_box models")
     p.add_argument("--memory", action="store_true",
                    help="CPU: also measure each method's peak resident memory in a fresh process")
+    p.add_argument("--memory-runs", type=int, default=3, help="processes per memory measurement (median)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -185,7 +194,8 @@ def main(argv=None):
             base = times["input-gradient"]
             memory = {k: peak_memory(steps[k], device) for k in times}
             if device.type == "cpu" and args.memory:
-                memory.update({k: peak_rss(name, k.removeprefix("lrpx "), batch, args.size, args.threads, args.dtype)
+                memory.update({k: peak_rss(name, k.removeprefix("lrpx "), batch, args.size, args.threads, args.dtype,
+                                           args.memory_runs)
                                for k in times if not k.startswith("zennit") and "compiled" not in k})
             for k, t in times.items():
                 mem, mem0 = memory.get(k), memory.get("input-gradient")

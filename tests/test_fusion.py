@@ -137,3 +137,16 @@ def test_marked_layers_never_look_at_the_data_and_agree_with_the_signed_forms(mo
     monkeypatch.setattr(lrpx.rules.linear, "is_nonnegative", lambda t, layer=None: False)
     _, general = _relevance(lrp, x)
     torch.testing.assert_close(hinted, general, rtol=1e-9, atol=1e-12 * float(general.abs().max()))
+
+
+@pytest.mark.parametrize("composite", ["epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_channels_last_inputs_and_weights(composite):
+    model = randomized("resnet18", num_classes=10)
+    lrp = lrpx.convert(model, COMPOSITES[composite]())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    _, reference = _relevance(lrp, x)
+    _, rel = _relevance(lrp, x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(rel, reference, rtol=1e-10, atol=1e-12 * float(reference.abs().max()))
+    lrp_cl = lrpx.convert(model.to(memory_format=torch.channels_last), COMPOSITES[composite]())
+    _, rel_cl = _relevance(lrp_cl, x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(rel_cl, reference, rtol=1e-10, atol=1e-12 * float(reference.abs().max()))
