@@ -367,7 +367,7 @@ def _relu_sites(root: nn.Module, traced: list[_Traced]) -> list[ReluSite]:
                 continue
             layer_name = _join(t.name, node.target)
             layer = root.get_submodule(layer_name)
-            if type(layer) not in _WEIGHTED or called[layer_name] != 1 or uses[id(layer)] != 1:
+            if type(layer) not in _WEIGHTED + (Add,) or called[layer_name] != 1 or uses[id(layer)] != 1:
                 continue
             relu = _only_reader(parent, node)
             if relu is not None:

@@ -95,7 +95,7 @@ def _fuse_relus(model: nn.Module, sites: list[ReluSite]) -> None:
     edited = set()
     for site in sites:
         layer = model.get_submodule(site.layer)
-        if not (isinstance(layer, Twin) and layer.rule.fusable):
+        if not (isinstance(layer, (Twin, Add)) and layer.rule.fusable):
             continue
         parent = model.get_submodule(site.parent) if site.parent else model
         if isinstance(parent, fx.GraphModule):

@@ -55,6 +55,8 @@ def _visit(module: nn.Module, nonneg: bool, verdicts: dict[int, bool]) -> bool:
         return nonneg
     if isinstance(module, _NONNEGATIVE):
         return True
+    if isinstance(module, Add) and module.fused_relu:
+        return True
     if isinstance(module, (Add, Product)) or isinstance(module, _KEEPS_SIGN):
         return nonneg
     if type(module) is nn.Sequential:

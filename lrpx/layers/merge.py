@@ -16,11 +16,13 @@ class _AddFunction(torch.autograd.Function):
     operand's contribution: ``R_i = x_i * R / stab(sum_i x_i)`` (the Norm rule)."""
 
     @staticmethod
-    def forward(ctx, epsilon: float, *operands: Tensor) -> Tensor:
-        output = operands[0]
-        for t in operands[1:]:
-            output = output + t
-        ctx.epsilon = epsilon
+    def forward(ctx, epsilon: float, relu: bool, *operands: Tensor) -> Tensor:
+        output = operands[0] + operands[1]
+        for t in operands[2:]:
+            output = output.add_(t)
+        if relu:  # a fused ReLU: the saved sum is the ReLU output the next layer reads
+            output = output.relu_()
+        ctx.epsilon, ctx.relu = epsilon, relu
         ctx.save_for_backward(output, *operands)
         return output
 
@@ -28,8 +30,12 @@ class _AddFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, relevance: Tensor):
         output, *operands = ctx.saved_tensors
-        s = divide(relevance, output, ctx.epsilon)
-        return (None, *((t * s).sum_to_size(t.shape) for t in operands))
+        if ctx.relu:  # output >= 0: stab(output) = output + e; dead units pass nothing
+            s = output + ctx.epsilon
+            s = torch.div(relevance, s, out=s).masked_fill_(output == 0, 0.0)
+        else:
+            s = divide(relevance, output, ctx.epsilon)
+        return (None, None, *((t * s).sum_to_size(t.shape) for t in operands))
 
 
 class Add(nn.Module):
@@ -37,6 +43,9 @@ class Add(nn.Module):
 
     Non-tensor operands (a Python number added in traced code) fall back to ``+``.
     """
+
+    #: apply the ReLU that alone reads the sum (set by ``convert``, as for weighted twins)
+    fused_relu: bool = False
 
     def __init__(self, rule: Rule | None = None) -> None:
         super().__init__()
@@ -51,11 +60,11 @@ class Add(nn.Module):
             out = operands[0]
             for t in operands[1:]:
                 out = out + t
-            return out
-        return _AddFunction.apply(self.rule.epsilon, *operands)
+            return out.relu() if self.fused_relu else out
+        return _AddFunction.apply(self.rule.epsilon, self.fused_relu, *operands)
 
     def extra_repr(self) -> str:
-        return f"rule={self.rule!r}"
+        return f"rule={self.rule!r}" + (", then ReLU (fused)" if self.fused_relu else "")
 
 
 class _ProductFunction(torch.autograd.Function):

@@ -34,6 +34,7 @@ class Norm(Rule):
 
     saves = ("input", "output")
     kinds = frozenset({"sum"})
+    fusable = True  # residual sums (lrpx.layers.Add) may apply a following ReLU
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         epsilon = float(epsilon)

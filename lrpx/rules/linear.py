@@ -84,7 +84,9 @@ class Epsilon(Rule):
         return layer.vjp(s, weight, input).mul_(input)
 
     def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
-        s = divide(relevance, output, self._stabilizer(output)).mul_(output > 0)  # dead units: 0
+        # output = relu(z) >= 0, so stab(output) = output + e; dead units (output 0) pass nothing
+        s = output + self.epsilon
+        s = torch.div(relevance, s, out=s).masked_fill_(output == 0, 0.0)
         return layer.vjp(s, weight, input).mul_(input)
 
 
