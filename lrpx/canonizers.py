@@ -93,7 +93,13 @@ class _ChildrenAsLeaves(fx.Tracer):
 
 def trace_children_as_leaves(module: nn.Module) -> fx.Graph:
     """The graph of ``module``'s own forward, each submodule call one node."""
-    return _ChildrenAsLeaves().trace(module)
+    tracer = _ChildrenAsLeaves()
+    try:
+        return tracer.trace(module)
+    finally:
+        # fx leaves the tracer in a reference cycle (closures of its patched calls); emptied,
+        # it no longer keeps the traced module and its parameters alive until a cyclic gc
+        vars(tracer).clear()
 
 
 @dataclass

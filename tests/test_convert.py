@@ -205,3 +205,22 @@ def test_fold_batchnorm_is_pure_and_exact():
     bn.train()
     with pytest.raises(ValueError, match="eval"):
         lrpx.fold_batchnorm(conv, bn)
+
+
+def test_converted_model_is_freed_without_a_cyclic_gc():
+    """Nothing in convert (tracing included) leaves the model in a reference cycle: a large
+    model is freed when its last reference goes, not at the next cyclic collection."""
+    import gc
+    import weakref
+
+    model = small_cnn()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        lrp = lrpx.convert(model, lrpx.composites.epsilon_gamma_box(-1.0, 1.0))
+        alive = weakref.ref(lrp[0])
+        del lrp
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()

@@ -42,7 +42,9 @@ def _explain_and_account(lrp, x):
     rel, *param_rel = torch.autograd.grad(y, [xin] + params, r_out, allow_unused=True)
     rec.remove()
     by_parameters = sum((g.sum() for g in param_rel if g is not None), torch.zeros((), dtype=x.dtype))
-    return rel, r_out.sum(), rec.total_absorbed() + by_parameters
+    absorbed = rec.total_absorbed() + by_parameters
+    rec.calls.clear()  # the records hold tensors whose hooks point back at them: free them now
+    return rel, r_out.sum(), absorbed
 
 
 @pytest.mark.slow

@@ -169,7 +169,10 @@ class Recorder:
     def _hook(self, module, args, output):
         if isinstance(output, tuple):  # MultiheadAttention: (output, weights)
             output = output[0]
-        entry = {"module": module, "inputs": args, "output": output.detach(), "relevance": None}
+        # detached: an entry must not hold the tensor its hook hangs on (a FusedReLU returns its
+        # input), or the two would form a cycle the garbage collector cannot see through
+        inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        entry = {"module": module, "inputs": inputs, "output": output.detach(), "relevance": None}
         self.calls.append(entry)
         output.register_hook(lambda grad, e=entry: e.__setitem__("relevance", grad))
 
