@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,8 @@ import torch.nn.functional as F
 from lrpx.core import lrp_apply
 from lrpx.ops import AvgPoolOps, ConvOps, LinearOps
 from lrpx.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
+
+from bench_explain import interleaved  # the same interleaved medians as the model benchmark
 
 #: layer name -> (ops, input shape, weight shape, plain forward)
 LAYERS = {
@@ -43,19 +43,6 @@ RULES = {
     "Flat": (Flat(), False, False),
     "WSquare": (WSquare(), False, False),
 }
-
-
-def _median_times(steps: dict, repeat: int, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times = {k: [] for k in steps}
-    for _ in range(repeat):
-        for k, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _step(forward, x, grad):
@@ -87,15 +74,15 @@ def main(argv=None):
         for rule_name, (rule, signed, relu) in RULES.items():
             x = x_signed if signed else x_pos
             steps[rule_name] = _step(lambda x, rule=rule, relu=relu: lrp_apply(ops, rule, x, w, b, relu=relu), x, grad)
-        times = _median_times(steps, args.repeat)
+        times = interleaved(steps, torch.device("cpu"), args.repeat, warmup=3)
         base = times["input-gradient"]
         for k, t in times.items():
             print(f"| {layer_name} | {k} | {1000 * t:.2f} | {t / base:.2f} |", flush=True)
     pool = AvgPoolOps(2, (2, 2), (2, 2), (0, 0), False, True)
     x = torch.rand(8, 64, 56, 56)
     grad = torch.randn(8, 64, 28, 28)
-    times = _median_times({"input-gradient": _step(lambda x: F.avg_pool2d(x, 2), x, grad),
-                           "Norm": _step(lambda x: lrp_apply(pool, Norm(), x), x, grad)}, args.repeat)
+    times = interleaved({"input-gradient": _step(lambda x: F.avg_pool2d(x, 2), x, grad),
+                         "Norm": _step(lambda x: lrp_apply(pool, Norm(), x), x, grad)}, torch.device("cpu"), args.repeat)
     for k, t in times.items():
         print(f"| AvgPool2d 2x2, 8x64x56x56 | {k} | {1000 * t:.2f} | {t / times['input-gradient']:.2f} |")
 
