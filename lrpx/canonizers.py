@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Add, Mean, Product, batchnorm_affine, default_twins
+from .layers import WEIGHTED, Add, Mean, Product, batchnorm_affine, default_twins
 
 __all__ = ["canonize", "fold_batchnorm", "out_of_place", "rewrite_functional", "TraceError"]
 
@@ -32,7 +32,9 @@ _INPLACE_METHODS = {"add_": "add", "relu_": "relu", "mul_": "mul", "sigmoid_": "
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
 _GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-_RESHAPES = {"view", "reshape", "expand", "expand_as", "unsqueeze", "flatten"}
+#: tensor methods that only reshape, view or repeat their input
+RESHAPES = frozenset({"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "permute",
+                      "transpose", "contiguous"})
 _POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 #: functional calls that become layers: ``{function: (module class, its arguments after the input)}``
 _FUNCTIONS: dict = {
@@ -288,7 +290,7 @@ def _rewrite_product(t: _Traced, node: fx.Node, tags: dict[fx.Node, str]) -> fx.
 
 def _is_gate(module: nn.Module, node: fx.Node) -> bool:
     """A value squashed into a gate: the output of a sigmoid-like activation, possibly reshaped."""
-    while (node.op == "call_method" and node.target in _RESHAPES) or \
+    while (node.op == "call_method" and node.target in RESHAPES) or \
             (node.op == "call_function" and node.target is operator.getitem):  # g[:, :, None, None]
         node = node.args[0]
     return node.op == "call_module" and isinstance(module.get_submodule(node.target), _GATES)
@@ -356,9 +358,6 @@ def canonize_with_sites(model: nn.Module, *, trace: bool = True,
     return root, _relu_sites(root, traced)
 
 
-_WEIGHTED = tuple(_FOLDABLE) + (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
 def _relu_sites(root: nn.Module, traced: list[_Traced]) -> list[ReluSite]:
     called = Counter(_join(t.name, n.target) for t in traced for n in t.graph.nodes if n.op == "call_module")
     uses = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
@@ -373,7 +372,7 @@ def _relu_sites(root: nn.Module, traced: list[_Traced]) -> list[ReluSite]:
                 continue
             layer_name = _join(t.name, node.target)
             layer = root.get_submodule(layer_name)
-            if type(layer) not in _WEIGHTED + (Add,) or called[layer_name] != 1 or uses[id(layer)] != 1:
+            if type(layer) not in WEIGHTED + (Add,) or called[layer_name] != 1 or uses[id(layer)] != 1:
                 continue
             relu = _only_reader(parent, node)
             if relu is not None:

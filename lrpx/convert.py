@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .canonizers import ReluSite, canonize_with_sites, trace_children_as_leaves
+from .canonizers import RESHAPES, ReluSite, canonize_with_sites, trace_children_as_leaves
 from .composites import Composite
 from .layers import Add, FusedReLU, Product, Twin, default_twins
 from .rules import Rule
@@ -51,8 +51,8 @@ def convert(
         and, to receive a rule, an ``lrp_kind`` of "weighted", "elementwise" or "sum".
 
     fuse
-        Let a Linear/Conv/BatchNorm layer whose output only a ReLU reads apply that ReLU in
-        place (the ReLU becomes :class:`lrpx.layers.FusedReLU`, or leaves the traced forward
+        Let a Linear/Conv/BatchNorm layer or a residual sum whose output only a ReLU reads
+        apply that ReLU in place (the ReLU becomes :class:`lrpx.layers.FusedReLU`, or leaves the traced forward
         code): the same forward and relevance with less memory and time. The relevance of
         units with a non-positive pre-activation is then zero, as it is without fusing
         unless a Flat or WSquare layer follows. ``False`` keeps every layer separate (e.g. to
@@ -146,7 +146,6 @@ def _parameters_rewritten(module: nn.Module) -> bool:
     return len(uses) > 0 and all(_absorbs(module, n) for n in uses)
 
 
-_RESHAPES = {"expand", "expand_as", "view", "reshape", "unsqueeze", "flatten", "permute", "transpose"}
 _JOINS = {torch.cat, torch.stack, torch.concat}
 
 
@@ -156,7 +155,7 @@ def _absorbs(module: nn.Module, node: fx.Node) -> bool:
             continue
         if user.op == "call_function" and user.target in _JOINS:
             continue
-        if user.op == "call_method" and user.target in _RESHAPES and user.args[0] is node and _absorbs(module, user):
+        if user.op == "call_method" and user.target in RESHAPES and user.args[0] is node and _absorbs(module, user):
             continue
         return False
     return True

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .canonizers import RESHAPES, trace_children_as_leaves
 from .layers import KEPT, Add, FusedReLU, Mean, Product, Twin, kind_of
 
 __all__ = ["mark_nonnegative_inputs"]
@@ -30,8 +31,7 @@ _KEEPS_SIGN += (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, 
 #: forward-code operations whose output is >= 0 when their tensor inputs are
 _FUNCTIONS = {torch.flatten, torch.cat, torch.stack, torch.concat, operator.getitem, torch.squeeze,
               torch.unsqueeze, torch.reshape, torch.permute, torch.transpose, torch.chunk, torch.split}
-_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "contiguous",
-            "chunk", "split", "expand", "expand_as", "__getitem__", "mean"}
+_METHODS = RESHAPES | {"chunk", "split", "__getitem__", "mean"}
 
 
 def mark_nonnegative_inputs(model: nn.Module, *, input_nonnegative: bool = False) -> None:
@@ -76,7 +76,6 @@ def _visit(module: nn.Module, nonneg: bool, verdicts: dict[int, bool]) -> bool:
 def _graph(module: nn.Module) -> fx.Graph | None:
     if isinstance(module, fx.GraphModule):
         return module.graph
-    from .canonizers import trace_children_as_leaves
     try:
         return trace_children_as_leaves(module)
     except Exception:  # fx raises many types: the module is then analysed without its graph

@@ -85,7 +85,7 @@ def test_shared_layer_and_second_reader_are_not_fused():
     assert not any(getattr(m, "fused_relu", False) for m in lrp2.modules())
 
 
-def test_flat_after_relu_stays_finite():
+def test_flat_after_relu_dead_units_pass_nothing():
     """Flat gives relevance to dead units too; fused, those units pass none (documented)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
@@ -93,8 +93,18 @@ def test_flat_after_relu_stays_finite():
     x = torch.randn(3, 4, dtype=torch.float64)
     fused = lrpx.convert(model, composite)
     assert fused[0].fused_relu
-    _, rel = _relevance(fused, x)
-    assert torch.isfinite(rel).all()
+    y, rel = _relevance(fused, x)
+    _, unfused = _relevance(lrpx.convert(model, composite, fuse=False), x)
+    # by hand: Flat spreads each output's relevance over its 6 inputs alike; the first layer's
+    # epsilon rule then divides by relu(z) + e, passing nothing from units with z <= 0
+    e = 1e-6
+    z = model[0](x).detach()
+    r_hidden = (y.sum(1, keepdim=True) / (6 + e)).expand(-1, 6)
+    s = torch.where(z > 0, r_hidden / (z.clamp(min=0) + e), 0.0)
+    torch.testing.assert_close(rel, x * (s @ model[0].weight.detach()), rtol=1e-10, atol=1e-12)
+    s_unfused = r_hidden / (z + e * torch.where(z >= 0, 1.0, -1.0))
+    assert (z <= 0).any()  # some unit is dead here, so the two differ by exactly that unit's share
+    torch.testing.assert_close(unfused, x * (s_unfused @ model[0].weight.detach()), rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------ inputs >= 0 by construction

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..rules.base import Rule, divide
+from ..rules.base import Rule, divide, divide_after_relu
 from ..rules.elementwise import Norm
 
 __all__ = ["Add", "Product"]
@@ -30,11 +30,8 @@ class _AddFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, relevance: Tensor):
         output, *operands = ctx.saved_tensors
-        if ctx.relu:  # output >= 0: stab(output) = output + e; dead units pass nothing
-            s = output + ctx.epsilon
-            s = torch.div(relevance, s, out=s).masked_fill_(output == 0, 0.0)
-        else:
-            s = divide(relevance, output, ctx.epsilon)
+        divide_ = divide_after_relu if ctx.relu else divide  # a fused ReLU: dead units pass nothing
+        s = divide_(relevance, output, ctx.epsilon)
         return (None, None, *((t * s).sum_to_size(t.shape) for t in operands))
 
 

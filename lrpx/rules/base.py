@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "stabilize", "divide", "positive", "negative", "is_nonnegative"]
+__all__ = ["Layer", "Rule", "stabilize", "divide", "divide_after_relu", "positive", "negative", "is_nonnegative"]
 
 
 class Layer(Protocol):
@@ -49,6 +49,13 @@ def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor) -> Tensor:
     if den.shape != relevance.shape:  # a denominator shared by the batch (Flat, WSquare)
         return relevance / den
     return torch.div(relevance, den, out=den)
+
+
+def divide_after_relu(relevance: Tensor, output: Tensor, epsilon: float) -> Tensor:
+    """``relevance / stabilize(output, epsilon)`` for ``output = relu(z) >= 0`` (a fused ReLU),
+    where that is ``output + epsilon``; 0 at dead units (``output == 0``)."""
+    s = output + epsilon
+    return torch.div(relevance, s, out=s).masked_fill_(output == 0, 0.0)
 
 
 def positive(t: Tensor | None) -> Tensor | None:

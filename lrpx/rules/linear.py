@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Layer, Rule, divide, is_nonnegative, negative, positive
+from .base import Layer, Rule, divide, divide_after_relu, is_nonnegative, negative, positive
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
 
@@ -84,9 +84,7 @@ class Epsilon(Rule):
         return layer.vjp(s, weight, input).mul_(input)
 
     def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
-        # output = relu(z) >= 0, so stab(output) = output + e; dead units (output 0) pass nothing
-        s = output + self.epsilon
-        s = torch.div(relevance, s, out=s).masked_fill_(output == 0, 0.0)
+        s = divide_after_relu(relevance, output, self.epsilon)
         return layer.vjp(s, weight, input).mul_(input)
 
 
@@ -271,7 +269,13 @@ class ZBox(Rule):
             return F.pad(b, pad, mode=mode if mode != "zeros" else "constant")
         return ZBox(grow(self.low), grow(self.high), self.epsilon)
 
-    def relevance(self, layer, relevance, input, weight, bias, output, dead_units_pass_nothing=False):
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        return self._relevance(layer, relevance, input, weight, bias, output, after_relu=False)
+
+    def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
+        return self._relevance(layer, relevance, input, weight, bias, output, after_relu=True)
+
+    def _relevance(self, layer, relevance, input, weight, bias, output, after_relu):
         x = input
         low, high = _bound(self.low, x), _bound(self.high, x)
         wp = positive(weight)
@@ -282,13 +286,10 @@ class ZBox(Rule):
         z_b = output - offset
         s = divide(relevance, z_b, self.epsilon)
         del z_b
-        if dead_units_pass_nothing:
-            s.mul_(output > 0)
+        if after_relu:  # output = relu(z): dead units pass nothing
+            s.masked_fill_(output == 0, 0.0)
         # x g(s; W) - l g(s; W+) - h g(s; W-) with g(s; W-) = g(s; W) - g(s; W+)
         return (x - high) * layer.vjp(s, weight, x) + (high - low) * layer.vjp(s, wp, x)
-
-    def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
-        return self.relevance(layer, relevance, input, weight, bias, output, dead_units_pass_nothing=True)
 
 
 def _bound(value: float | Tensor, x: Tensor) -> Tensor:
