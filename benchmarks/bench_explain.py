@@ -203,6 +203,11 @@ def main(argv=None):
                 ratio_txt = "-" if mem is None or not mem0 else f"{mem / mem0:.2f}"
                 print(f"| {name} | {batch} | {k} | {1000 * t:.1f} | {t / base:.2f} | {mem_txt} | {ratio_txt} |",
                       flush=True)
+            if args.compile:
+                eager, compiled = (steps[f"lrpx epsilon_gamma_box{c}"]() for c in ("", " (compiled)"))
+                err = float((compiled - eager).abs().max() / eager.abs().max())
+                print(f"{name} batch {batch}: compiled vs eager epsilon_gamma_box relevance, "
+                      f"max |difference| / max |eager| = {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":

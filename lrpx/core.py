@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .rules.base import Layer, Rule, stabilize
+from .rules.base import Layer, Rule, _compiling, stabilize
 
 __all__ = ["LRPFunction", "lrp_apply", "stabilize"]
 
@@ -23,8 +23,9 @@ class LRPFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, layer: Layer, rule: Rule,
                 relu: bool = False) -> Tensor:
         output = layer.forward(input, weight, bias)
-        if relu:
-            output = output.relu_()
+        if relu:  # in place in eager mode; traced graphs get the out-of-place form (torch 2.11's
+            # compiled backward saw a zero output after an in-place ReLU on CUDA)
+            output = torch.relu(output) if _compiling() else output.relu_()
         values = {"input": input, "weight": weight, "bias": bias, "output": output}
         ctx.names = rule.saves
         ctx.save_for_backward(*(values[name] for name in rule.saves))

@@ -161,3 +161,11 @@ def test_channels_last_inputs_and_weights(composite):
     lrp_cl = lrpx.convert(model.to(memory_format=torch.channels_last), COMPOSITES[composite]())
     _, rel_cl = _relevance(lrp_cl, x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(rel_cl, reference, rtol=1e-10, atol=1e-12 * float(reference.abs().max()))
+
+
+def test_unknown_signs_are_read_on_the_cpu_only():
+    # reading the data of a GPU tensor would make the host wait; a meta tensor has no data to read
+    is_nonnegative = lrpx.rules.base.is_nonnegative
+    assert is_nonnegative(torch.rand(2, 3)) is True
+    assert is_nonnegative(torch.rand(2, 3) - 0.5) is False
+    assert is_nonnegative(torch.empty(2, 3, device="meta")) is False

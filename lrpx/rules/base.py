@@ -11,7 +11,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "stabilize", "divide", "divide_after_relu", "positive", "negative", "is_nonnegative"]
+__all__ = ["Layer", "Rule", "stabilize", "divide", "divide_after_relu", "relu_mask_", "positive", "negative",
+           "is_nonnegative"]
 
 
 class Layer(Protocol):
@@ -39,7 +40,10 @@ def stabilize(z: Tensor, epsilon: float | Tensor) -> Tensor:
     negative zero ``-0.0`` takes ``-epsilon``, equally non-zero). Written as ``copysign``
     plus an add: two memory passes, where a masked select costs several.
     """
-    e = torch.as_tensor(epsilon, dtype=z.dtype, device=z.device).expand_as(z)
+    if isinstance(epsilon, Tensor):
+        e = epsilon.to(z.dtype).expand_as(z)
+    else:  # a fill on the device: no copy from the host, no synchronisation
+        e = torch.full((), epsilon, dtype=z.dtype, device=z.device).expand_as(z)
     return torch.copysign(e, z).add_(z)
 
 
@@ -55,7 +59,13 @@ def divide_after_relu(relevance: Tensor, output: Tensor, epsilon: float) -> Tens
     """``relevance / stabilize(output, epsilon)`` for ``output = relu(z) >= 0`` (a fused ReLU),
     where that is ``output + epsilon``; 0 at dead units (``output == 0``)."""
     s = output + epsilon
-    return torch.div(relevance, s, out=s).masked_fill_(output == 0, 0.0)
+    return relu_mask_(torch.div(relevance, s, out=s), output)
+
+
+def relu_mask_(s: Tensor, output: Tensor) -> Tensor:
+    """``s`` set to 0 in place where ``output <= 0`` (ReLU's backward kernel: one pass, no
+    boolean mask in memory)."""
+    return torch.ops.aten.threshold_backward.grad_input(s, output, 0, grad_input=s)
 
 
 def positive(t: Tensor | None) -> Tensor | None:
@@ -71,11 +81,13 @@ def negative(t: Tensor | None) -> Tensor | None:
 def is_nonnegative(t: Tensor, layer: "Layer | None" = None) -> bool:
     """Whether every entry of a layer input is ``>= 0`` (inputs after a ReLU take the cheap
     forms): known from the model when ``layer.input_nonnegative`` (no look at the data);
-    otherwise checked, which synchronises with a GPU. Under ``torch.compile`` an unknown
-    input counts as signed (the general forms, and no graph break)."""
+    otherwise checked on the CPU. On other devices (where reading the data would make the host
+    wait for the device) and under ``torch.compile`` an unknown input counts as signed: the
+    general forms, which give the same relevance for non-negative data, with no
+    synchronisation and no graph break."""
     if getattr(layer, "input_nonnegative", False):
         return True
-    if _compiling():
+    if t.device.type != "cpu" or _compiling():
         return False
     return bool(t.min() >= 0) if t.numel() else True
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Layer, Rule, divide, divide_after_relu, is_nonnegative, negative, positive
+from .base import Layer, Rule, divide, divide_after_relu, is_nonnegative, negative, positive, relu_mask_
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
 
@@ -196,35 +196,46 @@ class Gamma(Rule):
         self._freeze()
 
     def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
-        # relu(z) has sign 0 where z <= 0, and the rule scales every term by sign(z)
-        return self.relevance(layer, relevance, input, weight, bias, output)
+        if not is_nonnegative(input, layer):
+            # relu(z) has sign 0 where z <= 0, and the rule scales every term by sign(z)
+            return self.relevance(layer, relevance, input, weight, bias, output)
+        # x >= 0 and only units with z > 0 pass relevance: s_n = 0 and R_j = x_j g(s_p; P), the
+        # classic form: one forward and one VJP with P = W + gamma W+ (z_p >= z > 0 there; the
+        # clamp only undoes rounding)
+        g = self.gamma
+        p = torch.add(weight, positive(weight), alpha=g)
+        zp = layer.forward(input, p, None if bias is None else torch.add(bias, positive(bias), alpha=g))
+        s = zp.clamp_(min=0).add_(self.epsilon)
+        s = relu_mask_(torch.div(relevance, s, out=s), output)
+        return layer.vjp(s, p, input).mul_(input)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         x, z, g = input, output, self.gamma
-        wp = positive(weight)
+        wp, bp = positive(weight), positive(bias)
         nonneg = is_nonnegative(x, layer)
         if nonneg:
-            u = layer.forward(x, wp, None)
+            v = layer.forward(x, wp, bp)
         else:
-            xn = x.clamp(max=0)
-            u = layer.forward(x.abs(), wp, None) + layer.forward(xn, weight, None)
-        # z_p = z + g v and z_n = z + g (z - v) with v = u + b+ (as b - b- = b+); only one of
-        # them is used per output (by the sign of z), so one denominator serves both:
-        # zz = z + g (sign(z) v + min(z, 0)), s = R / stab(zz), s_p = [z > 0] s, s_n = [z < 0] s
-        # (sign(z) is recomputed where needed: one output-sized tensor fewer alive)
-        v = u if bias is None else u.add_(_bias_like(layer, positive(bias), u))
-        zz = v.mul_(torch.sign(z)).add_(z.clamp(max=0)).mul_(g).add_(z)  # in v's buffer
-        del u, v
-        a = divide(relevance, zz, self.epsilon).mul_(torch.sign(z))  # s_p - s_n
+            v = layer.forward(x.abs(), wp, bp).add_(layer.forward(x.clamp(max=0), weight, None))
+        # z_p = z + g v and z_n = z + g (z - v) with v = W+ x+ + W- x- + b+ (as b - b- = b+);
+        # only one of them is used per output (by the sign of z), so one denominator serves
+        # both: zz = z + g (sign(z) v + min(z, 0)), s = R / stab(zz), s_p = [z > 0] s,
+        # s_n = [z < 0] s
+        sign = torch.sign(z)
+        zz = z.clamp(max=0).addcmul_(sign, v)
+        del v
+        zz = torch.add(z, zz, alpha=g, out=zz)
+        a = divide(relevance, zz, self.epsilon).mul_(sign)  # s_p - s_n
         del zz
         d = layer.vjp(a, wp, x)
         # s_p + (1 + g) s_n = a ((1 + g/2) sign - g/2), (1 + g) s_p + s_n = a ((1 + g/2) sign + g/2)
         if nonneg:  # x [g(s_p + (1 + g) s_n; W) + g d]
-            c = torch.sign(z).mul_(1 + g / 2).sub_(g / 2).mul_(a)
-            del a
+            c = torch.mul(a, -g / 2).addcmul_(sign, a, value=1 + g / 2)
+            del a, sign
             return layer.vjp(c, weight, x).add_(d, alpha=g).mul_(x)
-        k = torch.sign(z).mul_(1 + g / 2)
-        stacked = torch.cat([(k - g / 2).mul_(a), (k + g / 2).mul_(a)])
+        stacked = torch.cat([torch.mul(a, -g / 2), torch.mul(a, g / 2)])
+        stacked.view((2,) + a.shape).addcmul_(sign, a, value=1 + g / 2)  # each half, broadcast
+        del a, sign
         p, n = layer.vjp(stacked, weight, _twice(x)).chunk(2)
         return x.clamp(min=0) * p + x.clamp(max=0) * n + g * x.abs() * d
 
@@ -287,14 +298,17 @@ class ZBox(Rule):
         s = divide(relevance, z_b, self.epsilon)
         del z_b
         if after_relu:  # output = relu(z): dead units pass nothing
-            s.masked_fill_(output == 0, 0.0)
+            relu_mask_(s, output)
         # x g(s; W) - l g(s; W+) - h g(s; W-) with g(s; W-) = g(s; W) - g(s; W+)
         return (x - high) * layer.vjp(s, weight, x) + (high - low) * layer.vjp(s, wp, x)
 
 
 def _bound(value: float | Tensor, x: Tensor) -> Tensor:
     """A bound as a tensor shaped like one sample of ``x`` (or like ``x`` if per sample)."""
-    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    if isinstance(value, Tensor):  # a bound kept on the host travels without a synchronisation
+        t = value.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    else:
+        t = torch.full((), value, dtype=x.dtype, device=x.device)
     if t.dim() > x.dim():
         raise ValueError(f"ZBox bound of shape {tuple(t.shape)} does not broadcast to input {tuple(x.shape)}")
     batch = x.shape[0] if t.dim() == x.dim() and t.shape[0] == x.shape[0] else 1
