@@ -32,7 +32,11 @@ class _AddFunction(torch.autograd.Function):
         output, *operands = ctx.saved_tensors
         divide_ = divide_after_relu if ctx.relu else divide  # a fused ReLU: dead units pass nothing
         s = divide_(relevance, output, ctx.epsilon)
-        return (None, None, *((t * s).sum_to_size(t.shape) for t in operands))
+        *first, last = operands
+        shares = [(t * s).sum_to_size(t.shape) for t in first]
+        # the last share may take s's own buffer (no broadcast: s is not read again)
+        shares.append(s.mul_(last) if last.shape == s.shape else (last * s).sum_to_size(last.shape))
+        return (None, None, *shares)
 
 
 class Add(nn.Module):

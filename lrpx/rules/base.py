@@ -47,9 +47,16 @@ def stabilize(z: Tensor, epsilon: float | Tensor) -> Tensor:
     return torch.copysign(e, z).add_(z)
 
 
-def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor) -> Tensor:
-    """``relevance / stabilize(z, epsilon)``, written into the denominator's buffer."""
-    den = stabilize(z, epsilon)
+def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor, scale: float = 1.0) -> Tensor:
+    """``scale * relevance / stabilize(z, epsilon)``, written into the denominator's buffer
+    (a scale other than 1 divides the denominator instead: no extra pass)."""
+    if scale != 1.0 and not isinstance(epsilon, Tensor):
+        den = torch.full((), epsilon / scale, dtype=z.dtype, device=z.device).expand_as(z)
+        den = torch.copysign(den, z).add_(z, alpha=1.0 / scale)
+    else:
+        den = stabilize(z, epsilon)
+        if scale != 1.0:
+            den.div_(scale)
     if den.shape != relevance.shape:  # a denominator shared by the batch (Flat, WSquare)
         return relevance / den
     return torch.div(relevance, den, out=den)

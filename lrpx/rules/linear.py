@@ -128,12 +128,10 @@ class AlphaBeta(Rule):
 
     def _branch(self, layer, relevance, x, w, b, factor):
         """``g(factor * R / stab(w x + b); w)``, one output-sized temporary at a time."""
-        z = layer.forward(x, w, None)
-        if b is not None:
-            z.add_(_bias_like(layer, b, z))
-        s = divide(relevance, z, self.epsilon)
+        z = layer.forward(x, w, b)
+        s = divide(relevance, z, self.epsilon, scale=factor)
         del z
-        return layer.vjp(s.mul_(factor) if factor != 1 else s, w, x)
+        return layer.vjp(s, w, x)
 
     def _signed(self, layer, relevance, x, weight, bias):
         xp, xn = _split(x)
@@ -147,13 +145,9 @@ class AlphaBeta(Rule):
 
     def _signed_branch(self, layer, relevance, xp, xn, w1, w2, b, factor):
         """``factor [x+ g(s; w1) + x- g(s; w2)]`` with ``s = R / stab(w1 x+ + w2 x- + b)``."""
-        z = layer.forward(xp, w1, None).add_(layer.forward(xn, w2, None))
-        if b is not None:
-            z.add_(_bias_like(layer, b, z))
-        s = divide(relevance, z, self.epsilon)
+        z = layer.forward(xp, w1, b).add_(layer.forward(xn, w2, None))
+        s = divide(relevance, z, self.epsilon, scale=factor)
         del z
-        if factor != 1:
-            s.mul_(factor)
         return layer.vjp(s, w1, xp).mul_(xp).add_(layer.vjp(s, w2, xn).mul_(xn))
 
 
