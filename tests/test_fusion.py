@@ -169,3 +169,22 @@ def test_unknown_signs_are_read_on_the_cpu_only():
     assert is_nonnegative(torch.rand(2, 3)) is True
     assert is_nonnegative(torch.rand(2, 3) - 0.5) is False
     assert is_nonnegative(torch.empty(2, 3, device="meta")) is False
+
+
+def test_gamma_without_stabilizer_after_a_fused_relu_stays_finite():
+    # dead units read relu(z) = 0 for z: zz = 0 and R = 0 there, which must pass 0, not 0/0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).double().eval()
+    composite = lrpx.Composite(rules=[(nn.Conv2d, lrpx.rules.Gamma(0.25, epsilon=0.0))])
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)  # signed: the general Gamma form
+    fused = _relevance(lrpx.convert(model, composite), x)[1]
+    unfused = _relevance(lrpx.convert(model, composite, fuse=False), x)[1]
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, unfused, rtol=1e-9, atol=1e-12)
+
+
+def test_tensor_stabilizer_follows_the_denominator_device():
+    z = torch.tensor([2.0, -0.0, 0.0])
+    out = lrpx.rules.base.stabilize(z, torch.tensor(0.5, dtype=torch.float64))
+    assert out.dtype == torch.float32 and out.tolist() == [2.5, -0.5, 0.5]
+    assert lrpx.rules.base.stabilize(z.to("meta"), torch.tensor(0.5)).device.type == "meta"

@@ -41,7 +41,7 @@ def stabilize(z: Tensor, epsilon: float | Tensor) -> Tensor:
     plus an add: two memory passes, where a masked select costs several.
     """
     if isinstance(epsilon, Tensor):
-        e = epsilon.to(z.dtype).expand_as(z)
+        e = epsilon.to(device=z.device, dtype=z.dtype).expand_as(z)
     else:  # a fill on the device: no copy from the host, no synchronisation
         e = torch.full((), epsilon, dtype=z.dtype, device=z.device).expand_as(z)
     return torch.copysign(e, z).add_(z)

@@ -37,10 +37,6 @@ def _bias_like(layer: Layer, bias: Tensor, z: Tensor) -> Tensor:
     return bias.view(shape)
 
 
-def _bias_or_zero(layer: Layer, bias: Tensor | None, like: Tensor) -> Tensor | float:
-    return 0.0 if bias is None else _bias_like(layer, bias, like)
-
-
 class Epsilon(Rule):
     r"""LRP-:math:`\epsilon` (Bach et al. 2015).
 
@@ -220,6 +216,8 @@ class Gamma(Rule):
         del v
         zz = torch.add(z, zz, alpha=g, out=zz)
         a = divide(relevance, zz, self.epsilon).mul_(sign)  # s_p - s_n
+        if self.epsilon == 0:  # 0/0 where zz = z = 0 (every dead unit after a fused ReLU)
+            a.masked_fill_(sign == 0, 0.0)
         del zz
         d = layer.vjp(a, wp, x)
         # s_p + (1 + g) s_n = a ((1 + g/2) sign - g/2), (1 + g) s_p + s_n = a ((1 + g/2) sign + g/2)
@@ -299,8 +297,8 @@ class ZBox(Rule):
 
 def _bound(value: float | Tensor, x: Tensor) -> Tensor:
     """A bound as a tensor shaped like one sample of ``x`` (or like ``x`` if per sample)."""
-    if isinstance(value, Tensor):  # a bound kept on the host travels without a synchronisation
-        t = value.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    if isinstance(value, Tensor):  # a bound kept on the host travels to a GPU without a synchronisation
+        t = value.to(device=x.device, dtype=x.dtype, non_blocking=x.device.type == "cuda")
     else:
         t = torch.full((), value, dtype=x.dtype, device=x.device)
     if t.dim() > x.dim():
