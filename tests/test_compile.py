@@ -18,3 +18,17 @@ def test_compiled_relevance_equals_eager():
     eager = lrpx.explain(lrp, x, [0, 2]).relevance
     compiled = lrpx.explain(torch.compile(lrp), x, [0, 2]).relevance
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("composite", ["epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_converted_model_compiles_without_graph_breaks(composite):
+    from zoo import randomized
+    model = randomized("resnet18", num_classes=10, dtype=torch.float32)
+    make = {"epsilon_gamma_box": lambda: lrpx.composites.epsilon_gamma_box(-3.0, 3.0),
+            "epsilon_alpha2_beta1": lrpx.composites.epsilon_alpha2_beta1}[composite]
+    lrp = lrpx.convert(model, make())
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(lrp)(torch.randn(2, 3, 32, 32))
+    assert report.graph_break_count == 0, report.break_reasons
+    assert report.graph_count == 1
