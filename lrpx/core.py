@@ -7,7 +7,7 @@ from torch.autograd.function import once_differentiable
 
 from .rules.base import Layer, Rule, _compiling, stabilize
 
-__all__ = ["LRPFunction", "lrp_apply", "stabilize"]
+__all__ = ["LRPFunction", "lrp_apply", "fused_relu", "stabilize"]
 
 _SLOTS = ("input", "weight", "bias", "output")
 
@@ -23,9 +23,8 @@ class LRPFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, layer: Layer, rule: Rule,
                 relu: bool = False) -> Tensor:
         output = layer.forward(input, weight, bias)
-        if relu:  # in place in eager mode; traced graphs get the out-of-place form (torch 2.11's
-            # compiled backward saw a zero output after an in-place ReLU on CUDA)
-            output = torch.relu(output) if _compiling() else output.relu_()
+        if relu:
+            output = fused_relu(output)
         values = {"input": input, "weight": weight, "bias": bias, "output": output}
         ctx.names = rule.saves
         ctx.save_for_backward(*(values[name] for name in rule.saves))
@@ -40,6 +39,13 @@ class LRPFunction(torch.autograd.Function):
         rule = ctx.rule.relevance_after_relu if ctx.relu else ctx.rule.relevance
         relevance_in = rule(ctx.layer, relevance, **saved)
         return relevance_in, None, None, None, None, None
+
+
+def fused_relu(output: Tensor) -> Tensor:
+    """The ReLU a layer applies to its own output: in place in eager mode; out of place in a
+    traced graph (torch 2.11's compiled backward on CUDA saw a zero output after an in-place
+    one)."""
+    return torch.relu(output) if _compiling() else output.relu_()
 
 
 def lrp_apply(layer: Layer, rule: Rule, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,

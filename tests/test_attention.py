@@ -241,13 +241,8 @@ def test_vit_encoder_block():
     block = EncoderBlock(num_heads=2, hidden_dim=8, mlp_dim=16, dropout=0.0, attention_dropout=0.0).double().eval()
     lrp_block = copy.deepcopy(block)
     lrp_block.self_attention = LRPMultiheadAttention.from_module(lrp_block.self_attention, Epsilon(EPS))
-    x = rand(2, 5, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(lrp_block(x), block(x), rtol=1e-12, atol=1e-12)
-    xr = x.clone().requires_grad_()
-    out = lrp_block(xr)
-    (r,) = torch.autograd.grad(out, xr, grad_outputs=out.detach())
-    assert torch.isfinite(r).all()
+    r = _same_forward_and_relevance(lrp_block, block, rand(2, 5, 8))
+    assert torch.isfinite(r).all()  # the rest of the block (LayerNorm, MLP) is plain gradient
 
 
 # ------------------------------------------------------------------ the two rules
@@ -441,6 +436,34 @@ class TinyAttention(nn.Module):
 TWINS = {nn.MultiheadAttention: LRPMultiheadAttention, NonDynamicallyQuantizableLinear: None}
 
 
+def _tiny_reference(model: TinyAttention, x: torch.Tensor, mean_rule: bool) -> np.ndarray:
+    """Input relevance of ``TinyAttention`` for R = its output, by the numpy oracles: epsilon
+    (1e-6, the default composite) on the head; the token mean by the Norm rule or, untraced,
+    by its gradient; the attention oracle."""
+    e, xn = 1e-6, x.numpy()
+    params = numpy_params(model.attention)
+    zero_mask = np.zeros((xn.shape[0], 2, xn.shape[1], xn.shape[1]))
+    y = attention_oracle(xn, xn, xn, params, 2, zero_mask, np.zeros_like(xn), e)[0]
+    m = y.mean(1)
+    head_w, head_b = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
+    out = m @ head_w.T + head_b
+    r_m = linear_relevance(m, head_w, head_b, out, e)
+    length = xn.shape[1]
+    r_y = y * (r_m / stab(m, e))[:, None, :] / length if mean_rule else np.repeat(r_m[:, None, :] / length, length, 1)
+    _, rq, rk, rv = attention_oracle(xn, xn, xn, params, 2, zero_mask, r_y, e)
+    return rq + rk + rv
+
+
+def _same_forward_and_relevance(lrp_model: nn.Module, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Assert ``lrp_model`` computes ``model``'s forward; return the input relevance for R = output."""
+    with torch.no_grad():
+        torch.testing.assert_close(lrp_model(x), model(x), rtol=1e-12, atol=1e-12)
+    xr = x.clone().requires_grad_()
+    out = lrp_model(xr)
+    (r,) = torch.autograd.grad(out, xr, grad_outputs=out.detach())
+    return r
+
+
 def test_convert_tiny_model():
     torch.manual_seed(0)
     model = TinyAttention().double().eval()
@@ -451,12 +474,8 @@ def test_convert_tiny_model():
     assert isinstance(lrp_model.attention, LRPMultiheadAttention)
     assert lrp_model.attention.rule == Epsilon()
     x = rand(2, 5, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(lrp_model(x), model(x), rtol=1e-12, atol=1e-12)
-    xr = x.clone().requires_grad_()
-    out = lrp_model(xr)
-    (r,) = torch.autograd.grad(out, xr, grad_outputs=out.detach())
-    assert torch.isfinite(r).all() and r.abs().sum() > 0
+    r = _same_forward_and_relevance(lrp_model, model, x)
+    assert_close(r, _tiny_reference(model, x, mean_rule=False), 1e-8)  # untraced: x.mean(1) stays a gradient
 
 
 def test_convert_tiny_model_traced():
@@ -464,8 +483,8 @@ def test_convert_tiny_model_traced():
     model = TinyAttention().double().eval()
     lrp_model = lrpx.convert(model, twins=TWINS)
     x = rand(2, 5, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(lrp_model(x), model(x), rtol=1e-12, atol=1e-12)
+    r = _same_forward_and_relevance(lrp_model, model, x)
+    assert_close(r, _tiny_reference(model, x, mean_rule=True), 1e-8)  # traced: x.mean(1) takes Norm
 
 
 def test_attention_twins_registry():

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..rules.base import Rule, _compiling, divide, divide_after_relu
+from ..core import fused_relu
+from ..rules.base import Rule, divide, divide_after_relu
 from ..rules.elementwise import Norm
 
 __all__ = ["Add", "Product"]
@@ -21,7 +22,7 @@ class _AddFunction(torch.autograd.Function):
         for t in operands[2:]:
             output = output.add_(t)
         if relu:  # a fused ReLU: the saved sum is the ReLU output the next layer reads
-            output = torch.relu(output) if _compiling() else output.relu_()  # as in LRPFunction
+            output = fused_relu(output)
         ctx.epsilon, ctx.relu = epsilon, relu
         ctx.save_for_backward(output, *operands)
         return output

@@ -33,30 +33,25 @@ class Layer(Protocol):
     def vjp(self, s: Tensor, weight: Tensor | None, input: Tensor | torch.Size) -> Tensor: ...
 
 
-def stabilize(z: Tensor, epsilon: float | Tensor) -> Tensor:
-    r"""Move ``z`` away from zero: :math:`z + \epsilon\,\mathrm{sign}_0(z)`.
+def stabilize(z: Tensor, epsilon: float | Tensor, scale: float = 1.0) -> Tensor:
+    r"""Move ``z`` away from zero: :math:`(z + \epsilon\,\mathrm{sign}_0(z)) / \mathrm{scale}`.
 
     ``sign0(+0.0) = +1``, so a zero denominator becomes ``epsilon`` and is never 0 (a
     negative zero ``-0.0`` takes ``-epsilon``, equally non-zero). Written as ``copysign``
-    plus an add: two memory passes, where a masked select costs several.
+    plus an add: two memory passes, where a masked select costs several; the scale rides
+    along in the add.
     """
     if isinstance(epsilon, Tensor):
-        e = epsilon.to(device=z.device, dtype=z.dtype).expand_as(z)
+        e = (epsilon / scale).to(device=z.device, dtype=z.dtype).expand_as(z)
     else:  # a fill on the device: no copy from the host, no synchronisation
-        e = torch.full((), epsilon, dtype=z.dtype, device=z.device).expand_as(z)
-    return torch.copysign(e, z).add_(z)
+        e = torch.full((), epsilon / scale, dtype=z.dtype, device=z.device).expand_as(z)
+    return torch.copysign(e, z).add_(z, alpha=1.0 / scale)
 
 
 def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor, scale: float = 1.0) -> Tensor:
     """``scale * relevance / stabilize(z, epsilon)``, written into the denominator's buffer
-    (a scale other than 1 divides the denominator instead: no extra pass)."""
-    if scale != 1.0 and not isinstance(epsilon, Tensor):
-        den = torch.full((), epsilon / scale, dtype=z.dtype, device=z.device).expand_as(z)
-        den = torch.copysign(den, z).add_(z, alpha=1.0 / scale)
-    else:
-        den = stabilize(z, epsilon)
-        if scale != 1.0:
-            den.div_(scale)
+    (the scale divides the denominator: no extra pass)."""
+    den = stabilize(z, epsilon, scale)
     if den.shape != relevance.shape:  # a denominator shared by the batch (Flat, WSquare)
         return relevance / den
     return torch.div(relevance, den, out=den)
