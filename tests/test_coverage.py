@@ -5,12 +5,14 @@ forward code absorb (ViT's class token and position embedding) equals the explai
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 import lrpx
 from coverage_table import BOUND, README, readme_table, table
+from relevance_snapshot import PRESETS, STORE, differences, fingerprint
 from zoo import FAMILIES, Recorder, randomized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,3 +81,15 @@ def test_family_float32_forward(family):
 def test_readme_coverage_table_is_current():
     assert readme_table(README.read_text()) == table(), \
         "README.md's coverage table is out of date: run python tests/coverage_table.py --write"
+
+
+@pytest.mark.slow
+def test_family_relevance_equals_stored_fingerprints(family):
+    """Every preset's relevance equals the values stored before the engine's refactors
+    (tests/relevance_snapshot.py), to 1e-12 of each sample's L1 norm."""
+    name, net, x = family
+    stored = json.loads(STORE.read_text())["fingerprints"][name]
+    target = net(x).argmax(1)
+    fresh = {name: {p: fingerprint(lrpx.explain(lrpx.convert(net, PRESETS[p]()), x, target).relevance)
+                    for p in PRESETS}}
+    assert differences({name: stored}, fresh) == []
