@@ -10,7 +10,10 @@ the rules of the layers no pair claims. A matcher is
   :class:`Position` (an index or slice), :class:`Depth` (a fraction of the depth),
 * or any callable ``(name, module) -> bool``.
 
-A pair only applies to the layers its rule fits (a weighted-layer rule never lands on a
+Every layer has a kind (``lrpx.rules.KINDS``) and every rule says which kinds it fits. A pair
+whose matcher names a layer explicitly (its class, or its exact qualified name) with a rule
+that does not fit it is an error; a broader matcher (a container name, a glob, a position, a
+callable) applies only to the layers its rule fits (a weighted-layer rule never lands on a
 ReLU). ``composite.assign(model)`` returns the ``{name: rule}`` table that ``convert`` uses.
 """
 from __future__ import annotations
@@ -18,13 +21,15 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence, Union
 
 from torch import Tensor, nn
 
-from .canonizers import canonize
-from .layers import BATCHNORMS, CONVOLUTIONS, kind_of
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, ZBox, ZPlus
+from .canonizers import canonize_graph
+from .layers import BATCHNORMS, CONVOLUTIONS, kind_of, registry
+from .rules.base import fitting_rules
+from .rules import KINDS, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, Taylor, Uniform, ZBox, ZPlus
 
 __all__ = ["Composite", "First", "Last", "Position", "Depth", "epsilon_gamma_box", "epsilon_plus",
            "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "tutorial",
@@ -74,33 +79,64 @@ class Depth:
 Matcher = Union[type, tuple, str, Position, Depth, Callable[[str, nn.Module], bool]]
 
 
+#: the rule of each kind of layer that no pair claims, unless a composite says otherwise
+DEFAULT_RULES: Mapping[str, Rule] = MappingProxyType({
+    "weighted": Epsilon(), "elementwise": Pass(), "sum": Norm(), "normalization": Norm(), "softmax": Taylor(),
+    "bilinear": Uniform(), "product": Uniform(),
+})
+
+
 @dataclass(frozen=True)
 class Composite:
-    """Ordered ``(matcher, rule)`` pairs, first match wins.
+    """Ordered ``(matcher, rule)`` pairs, first match wins, and a rule per kind of layer for
+    the layers no pair claims.
 
     Parameters
     ----------
     rules
         The pairs.
     default
-        Rule of weighted layers no pair matches; ``None`` makes an unmatched weighted layer
-        an error.
+        Rule of weighted layers (Linear, Conv, BatchNorm) no pair matches; ``None`` makes an
+        unmatched weighted layer an error.
     elementwise
         Rule of activations (``Pass``).
     sum
-        Rule of average pooling and residual sums (``Norm``).
+        Rule of average pooling, means and residual sums (``Norm``); also of normalisation
+        layers (LayerNorm, GroupNorm), unless ``kinds`` names one for them.
+    kinds
+        Rules of the other kinds, ``{kind: rule}`` (``lrpx.rules.KINDS``), e.g.
+        ``{"normalization": Pass()}``; unnamed kinds take :data:`DEFAULT_RULES`.
+
+    Raises
+    ------
+    ValueError
+        A fallback rule that does not fit its kind of layer (``Composite(sum=Pass())``: Pass
+        fits element-wise and normalisation layers, a sum needs ``Norm``), or an unknown kind.
     """
 
     rules: Sequence[tuple[Matcher, Rule]] = ()
     default: Rule | None = field(default_factory=Epsilon)
     elementwise: Rule = field(default_factory=Pass)
     sum: Rule = field(default_factory=Norm)
+    kinds: Mapping[str, Rule] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for pair in self.rules:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[1], Rule):
                 raise TypeError(f"a composite entry is a (matcher, rule) pair, got {pair!r}")
         object.__setattr__(self, "rules", tuple(tuple(pair) for pair in self.rules))
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"Composite(kinds=...) names unknown kinds {sorted(unknown)}; valid: {', '.join(KINDS)}")
+        fallbacks = dict(self.kinds)
+        if "normalization" not in fallbacks and self.sum.fits("normalization"):
+            fallbacks["normalization"] = self.sum
+        fallbacks.update(elementwise=self.elementwise, sum=self.sum)
+        if self.default is not None:
+            fallbacks["weighted"] = self.default
+        for kind, rule in fallbacks.items():
+            _check_fallback(kind, rule)
+        object.__setattr__(self, "kinds", MappingProxyType({**DEFAULT_RULES, **fallbacks}))
 
     def assign(self, model: nn.Module, *, canonize_copy: bool = True,
                twins: dict[type[nn.Module], type[nn.Module] | None] | None = None) -> dict[str, Rule]:
@@ -110,34 +146,45 @@ class Composite:
         ``lrpx.convert`` builds: folded BatchNorms are gone, residual sums appear as ``add``.
         ``twins`` is the user registry passed to ``convert`` (for custom layers' kinds).
         """
+        merged = registry(twins)
         if canonize_copy:
-            model = canonize(copy.deepcopy(model).eval(), twins=twins)
-        names = [name for name, _ in model.named_modules()]
-        layers = [(name, m) for name, m in model.named_modules() if kind_of(m, twins) is not None]
-        ranks = {name: i for i, name in enumerate(n for n, m in layers if isinstance(m, LAYERS))}
+            model = canonize_graph(copy.deepcopy(model).eval(), merged)[0]
+        return self.table(model, merged)
+
+    def table(self, model: nn.Module, twins: dict[type[nn.Module], type[nn.Module] | None]) -> dict[str, Rule]:
+        """The ``{qualified name: rule}`` table of a canonized ``model`` with the merged
+        registry ``twins`` (what ``convert`` calls)."""
+        modules = list(model.named_modules(remove_duplicate=False))  # a shared layer under each name
+        names = [name for name, _ in modules]
+        layers = [(name, m, kind_of(m, twins)) for name, m in modules]
+        layers = [(name, m, kind) for name, m, kind in layers if kind is not None]
+        ranks = {name: i for i, name in enumerate(n for n, m, _ in layers if isinstance(m, LAYERS))}
         used = set()
         table = {}
-        for name, module in layers:
-            kind = kind_of(module, twins)
+        for name, module, kind in layers:
             for i, (matcher, rule) in enumerate(self.rules):
-                if kind in rule.kinds and _matches(matcher, name, module, ranks, layers):
+                if not _matches(matcher, name, module, ranks, layers):
+                    continue
+                if rule.fits(kind):
                     table[name] = rule
                     used.add(i)
                     break
+                if _names_explicitly(matcher, name, module):
+                    raise ValueError(
+                        f"composite entry ({_describe(matcher)}, {rule!r}) names layer '{name}' "
+                        f"({type(module).__name__}, {kind}), but {type(rule).__name__} fits "
+                        f"{', '.join(sorted(rule.kinds))} layers; rules for {kind} layers: "
+                        f"{', '.join(fitting_rules(kind))}")
             else:
                 table[name] = self._fallback(kind, name, module)
         self._check_names(names, used)
         return table
 
     def _fallback(self, kind: str, name: str, module: nn.Module) -> Rule:
-        if kind == "elementwise":
-            return self.elementwise
-        if kind == "sum":
-            return self.sum
-        if self.default is None:
+        if kind == "weighted" and self.default is None:
             raise ValueError(f"no composite entry matches layer '{name}' ({type(module).__name__}) "
                              "and the composite has no default rule")
-        return self.default
+        return self.kinds[kind]
 
     def _check_names(self, names: list[str], used: set[int]) -> None:
         for i, (matcher, _) in enumerate(self.rules):
@@ -145,6 +192,36 @@ class Composite:
                 close = [n for n in names if n and (n.startswith(matcher.split(".")[0]) or matcher in n)][:5]
                 hint = f"; similar names: {close}" if close else f"; the model's names include {names[1:6]}"
                 raise ValueError(f"composite names a module that does not exist: '{matcher}'{hint}")
+
+
+def _check_fallback(kind: str, rule: Rule) -> None:
+    if not isinstance(rule, Rule):
+        raise TypeError(f"the composite's rule for {kind} layers must be an lrpx rule, got {rule!r}")
+    if not rule.fits(kind):
+        argument = {"weighted": "default", "elementwise": "elementwise", "sum": "sum"}.get(kind)
+        where = f"Composite({argument}={rule!r})" if argument else f"Composite(kinds={{{kind!r}: {rule!r}}})"
+        raise ValueError(f"{where}: that rule is for {kind} layers, but {type(rule).__name__} fits "
+                         f"{', '.join(sorted(rule.kinds))} layers; rules for {kind} layers: "
+                         f"{', '.join(fitting_rules(kind))}")
+
+
+def _names_explicitly(matcher: Matcher, name: str, module: nn.Module) -> bool:
+    """Whether ``matcher`` names this layer itself: its exact class, or its exact name."""
+    if isinstance(matcher, str):
+        return matcher == name
+    if isinstance(matcher, type):
+        return type(module) is matcher
+    if isinstance(matcher, tuple):
+        return type(module) in matcher
+    return False
+
+
+def _describe(matcher: Matcher) -> str:
+    if isinstance(matcher, type):
+        return matcher.__name__
+    if isinstance(matcher, tuple):
+        return "(" + ", ".join(getattr(m, "__name__", repr(m)) for m in matcher) + ")"
+    return repr(matcher)
 
 
 def _name_match(pattern: str, name: str) -> bool:
@@ -162,7 +239,7 @@ def _matches(matcher: Matcher, name: str, module: nn.Module, ranks: dict[str, in
         return name in ranks and ranks[name] in matcher.select(len(ranks))
     if isinstance(matcher, Depth):
         first = min(ranks, key=ranks.get) if ranks else None
-        group = [n for n, m in layers if isinstance(m, matcher.among) and not (matcher.skip_first and n == first)]
+        group = [n for n, m, _ in layers if isinstance(m, matcher.among) and not (matcher.skip_first and n == first)]
         if name not in group:
             return False
         return matcher.start <= group.index(name) / len(group) < matcher.stop

@@ -1,4 +1,17 @@
-"""``convert``: a copy of a model whose backward pass computes LRP relevance."""
+"""``convert``: a copy of a model whose backward pass computes LRP relevance.
+
+The conversion is a fixed sequence of passes over one model graph
+(:class:`lrpx.graph.ModelGraph`, each module traced at most once):
+
+1. copy the model (unless ``inplace``) and put it in eval mode;
+2. check that every leaf has a twin or is kept (:class:`UnsupportedModuleError`);
+3. canonize: trace, fold BatchNorms, rewrite functional operations into layers
+   (:mod:`lrpx.canonizers`, :mod:`lrpx.rewrite`);
+4. check the parameters of modules without a twin (used only where relevance is absorbed);
+5. ask the composite for a rule per layer and swap each layer for its twin;
+6. fuse ReLUs into the layers before them (:mod:`lrpx.fusion`);
+7. mark the twins whose inputs are ``>= 0`` by construction (:mod:`lrpx.signs`).
+"""
 from __future__ import annotations
 
 import copy
@@ -7,20 +20,39 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .canonizers import RESHAPES, ReluSite, canonize_with_sites, trace_children_as_leaves
+from .canonizers import canonize_graph
 from .composites import Composite
-from .layers import Add, FusedReLU, Product, Twin, default_twins
+from .fusion import fuse_relus
+from .graph import ModelGraph
+from .layers import Add, Product, Twin, registry
+from .rewrite import RESHAPES
 from .rules import Rule
 from .signs import mark_nonnegative_inputs
 
 __all__ = ["convert", "rule_table", "UnsupportedModuleError"]
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
 class UnsupportedModuleError(TypeError):
-    """The model holds layers lrpx has no twin for."""
+    """The model holds layers lrpx has no twin for.
+
+    ``modules`` lists them as ``(qualified name, class)`` pairs (``""`` is the model itself).
+    """
+
+    def __init__(self, modules: list[tuple[str, type]]) -> None:
+        self.modules = list(modules)
+        lines = "\n".join(f"  '{name or '<root>'}' ({cls.__module__}.{cls.__qualname__})" for name, cls in modules)
+        super().__init__(
+            "lrpx has no LRP twin for these modules:\n" + lines + "\n"
+            "Register one per class: lrpx.convert(model, composite, twins={YourModule: YourTwin}) where "
+            "YourTwin subclasses YourModule and lrpx.layers.Twin (see the README, 'Custom layers'), "
+            "or map a class to None to keep it as it is (its plain gradient then carries the relevance)."
+        )
+
+    def __reduce__(self):
+        return type(self), (self.modules,)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def convert(
@@ -39,7 +71,8 @@ def convert(
     model
         Any ``nn.Module``; left unchanged unless ``inplace``.
     composite
-        Which rule each layer gets; ``None`` means ``Epsilon(1e-6)`` on every weighted layer.
+        Which rule each layer gets; ``None`` means ``Composite()``: ``Epsilon(1e-6)`` on every
+        weighted layer and the default rule of every other kind.
     inplace
         Convert ``model`` itself instead of a deep copy (its layers are replaced).
     trace
@@ -47,99 +80,84 @@ def convert(
         ``False`` only swaps layers (additions keep their plain gradient).
     twins
         Extra ``{module class: twin class}`` entries (``None`` keeps a layer as it is), on top
-        of :func:`lrpx.layers.default_twins`. A twin class needs ``from_module(module, rule)``
-        and, to receive a rule, an ``lrp_kind`` of "weighted", "elementwise" or "sum".
-
+        of :func:`lrpx.layers.default_twins`. A twin class subclasses ``lrpx.layers.Twin`` and
+        declares its ``lrp_kind``.
     fuse
         Let a Linear/Conv/BatchNorm layer or a residual sum whose output only a ReLU reads
-        apply that ReLU in place (the ReLU becomes :class:`lrpx.layers.FusedReLU`, or leaves the traced forward
-        code): the same forward and relevance with less memory and time. The relevance of
-        units with a non-positive pre-activation is then zero, as it is without fusing
-        unless a Flat or WSquare layer follows. ``False`` keeps every layer separate (e.g. to
-        read pre-activations with hooks).
+        apply that ReLU in place (the ReLU becomes :class:`lrpx.layers.FusedReLU`, or leaves the
+        traced forward code): the same forward and relevance with less memory and time. The
+        relevance of units with a non-positive pre-activation is then zero, as it is without
+        fusing unless a Flat or WSquare layer follows. ``False`` keeps every layer separate.
 
     Returns
     -------
     nn.Module
-        The converted model, in eval mode.
+        The converted model, in eval mode. Hooks registered on the model's modules are kept
+        (on copies of their dictionaries); modules that hold hooks are not folded or fused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
-    registry = default_twins()
-    registry.update(twins or {})
+    if composite is not None and not isinstance(composite, Composite):
+        raise TypeError(f"composite must be an lrpx.Composite (e.g. lrpx.composites.epsilon_plus()), "
+                        f"got {type(composite).__name__}")
+    twins = registry(twins)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    _check_supported(target, registry, traced=None)  # leaves first: before tracing can fail on them
-    target, sites = canonize_with_sites(target, trace=trace, twins=twins)
-    _check_supported(target, registry, traced=trace)
-    table = (composite or Composite()).assign(target, canonize_copy=False, twins=twins)
-    for name, rule in table.items():
-        module = target.get_submodule(name)
-        twin_cls = registry.get(type(module))
-        if twin_cls is None:  # already a twin, or kept by the user's registry
-            if isinstance(module, Twin) and type(module) not in registry:
-                raise ValueError(f"'{name}' is already an LRP twin: convert the original model, not a converted one")
-            continue
-        parent, _, field = name.rpartition(".")
-        setattr(target.get_submodule(parent) if parent else target, field, twin_cls.from_module(module, rule))
+    _check_leaves(target, twins)  # before tracing can fail on them
+    target, graph = canonize_graph(target, twins, trace=trace)
+    _check_parameters(target, twins, graph)
+    table = (composite or Composite()).table(target, twins)
+    _swap(target, table, twins)
     if fuse:
-        _fuse_relus(target, sites)
-    mark_nonnegative_inputs(target)
+        fuse_relus(target, graph)
+    mark_nonnegative_inputs(target, graph)
     return target.eval()
 
 
-def _fuse_relus(model: nn.Module, sites: list[ReluSite]) -> None:
-    """Let each weighted twin whose output only a ReLU reads apply that ReLU in place (its
-    rule permitting): the saved output is then the tensor the next layer reads anyway, which
-    saves one activation-sized tensor per layer and a pass over it."""
-    edited = set()
-    for site in sites:
-        layer = model.get_submodule(site.layer)
-        if not (isinstance(layer, (Twin, Add)) and layer.rule.fusable):
+def _swap(model: nn.Module, table: dict[str, Rule], twins: dict) -> None:
+    """Put each layer's twin in its place; a layer shared by several names with one rule stays
+    one (shared) twin."""
+    made: dict[tuple[int, Rule], nn.Module] = {}
+    for name, rule in table.items():
+        module = model.get_submodule(name)
+        twin_cls = twins.get(type(module))
+        if twin_cls is None:  # already a twin, or kept by the user's registry
+            if isinstance(module, Twin) and type(module) not in twins:
+                raise ValueError(f"'{name}' is already an LRP twin: convert the original model, not a converted one")
             continue
-        parent = model.get_submodule(site.parent) if site.parent else model
-        if isinstance(parent, fx.GraphModule):
-            node = next(n for n in parent.graph.nodes if n.name == site.relu)
-            node.replace_all_uses_with(node.args[0])
-            parent.graph.erase_node(node)
-            edited.add(parent)
-        else:
-            relu = parent._modules[site.relu]
-            parent._modules[site.relu] = FusedReLU.from_module(relu, relu.rule)
-        layer.fused_relu = True
-    for parent in edited:
-        parent.recompile()
+        twin_cls.check_rule(rule, f"layer '{name}'")
+        key = (id(module), rule)
+        if key not in made:
+            made[key] = twin_cls.from_module(module, rule)
+        parent, _, field = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, field, made[key])
 
 
-def _check_supported(model: nn.Module, registry: dict, *, traced: bool | None) -> None:
-    """Every leaf has a twin or is kept; a module with parameters of its own is a leaf with a
-    twin or, once ``traced``, uses them only in operations the trace rewrote (layer scale).
-    ``traced=None`` checks the leaves only."""
+def _check_leaves(model: nn.Module, twins: dict) -> None:
+    """Every leaf has a twin or is kept."""
+    bad = [(name, type(m)) for name, m in model.named_modules()
+           if type(m) not in twins and type(m) not in _CONTAINERS and not isinstance(m, Twin)
+           and not any(True for _ in m.children())]
+    if bad:
+        raise UnsupportedModuleError(bad)
+
+
+def _check_parameters(model: nn.Module, twins: dict, graph: ModelGraph) -> None:
+    """A module without a twin that holds parameters of its own uses them only in operations
+    the rewrite turned into layers, or to reshape and concatenate them to the activations
+    (ViT's class token): the relevance they receive is absorbed like a bias's."""
     bad = []
     for name, module in model.named_modules():
-        cls = type(module)
-        if cls in registry or isinstance(module, Twin) or cls in _CONTAINERS:
-            continue  # an empty container is the identity
-        is_leaf = not any(True for _ in module.children())
-        owns_parameters = any(True for _ in module.parameters(recurse=False))
-        if is_leaf or (owns_parameters and traced is not None and not (traced and _parameters_rewritten(module))):
-            bad.append(f"  '{name or '<root>'}' ({cls.__module__}.{cls.__qualname__})")
+        if type(module) in twins or type(module) in _CONTAINERS or isinstance(module, Twin):
+            continue
+        if any(True for _ in module.parameters(recurse=False)) and not _parameters_absorb(module, graph.graphs.get(name)):
+            bad.append((name, type(module)))
     if bad:
-        raise UnsupportedModuleError(
-            "lrpx has no LRP twin for these modules:\n" + "\n".join(bad) + "\n"
-            "Register one per class: lrpx.convert(model, composite, twins={YourModule: YourTwin}) where "
-            "YourTwin subclasses YourModule and lrpx.layers.Twin (see the README, 'Custom layers'), "
-            "or map a class to None to keep it as it is (its plain gradient then carries the relevance)."
-        )
+        raise UnsupportedModuleError(bad)
 
 
-def _parameters_rewritten(module: nn.Module) -> bool:
-    """A traced module whose own parameters only feed rewritten operations (Product, Add) or
-    are reshaped and concatenated to the activations (ViT's class token), so that the
-    relevance they receive is absorbed like a bias's."""
-    try:
-        graph = module.graph if isinstance(module, fx.GraphModule) else trace_children_as_leaves(module)
-    except Exception:  # fx raises many types; convert's own trace reports why
+def _parameters_absorb(module: nn.Module, graph: fx.Graph | None) -> bool:
+    if graph is None:
         return False
     own = {name for name, _ in module.named_parameters(recurse=False)}
     uses = [n for n in graph.nodes if n.op == "get_attr" and n.target in own]
@@ -161,6 +179,6 @@ def _absorbs(module: nn.Module, node: fx.Node) -> bool:
     return True
 
 
-def rule_table(model: nn.Module) -> dict[str, object]:
+def rule_table(model: nn.Module) -> dict[str, Rule]:
     """``{qualified name: rule}`` of the twins in a converted model."""
-    return {name: m.rule for name, m in model.named_modules() if isinstance(getattr(m, "rule", None), Rule)}
+    return {name: m.rule for name, m in model.named_modules() if isinstance(m, Twin)}

@@ -1,56 +1,70 @@
-"""The one autograd Function of lrpx: forward is the layer, backward is the rule."""
+"""The one autograd Function of lrpx: forward is the layer, backward is the rule.
+
+Every twin computes its output through :func:`lrp_apply`: the layer description (``lrpx.ops``)
+gives the forward and the primitives of its kind, the rule (``lrpx.rules``) turns the
+relevance arriving at the output into the relevance of each input. Parameters get no
+gradient; an input that is a tuple (the operands of a sum or product) gets one relevance per
+operand.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .rules.base import Layer, Rule, _compiling, stabilize
+from .rules.base import Layer, Rule, compiling, stabilize
 
 __all__ = ["LRPFunction", "lrp_apply", "fused_relu", "stabilize"]
-
-_SLOTS = ("input", "weight", "bias", "output")
 
 
 class LRPFunction(torch.autograd.Function):
     """Runs ``layer.forward`` and, in backward, ``rule.relevance``.
 
     Per-call state lives on ``ctx`` only, so a rule and a layer may be shared by many
-    modules, calls and threads. Parameters get no gradient.
+    modules, calls and threads.
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, layer: Layer, rule: Rule,
-                relu: bool = False) -> Tensor:
+    def forward(ctx, layer: Layer, rule: Rule, relu: bool, weight: Tensor | None, bias: Tensor | None,
+                *inputs: Tensor) -> Tensor:
+        input = inputs[0] if len(inputs) == 1 else inputs
         output = layer.forward(input, weight, bias)
         if relu:
             output = fused_relu(output)
-        values = {"input": input, "weight": weight, "bias": bias, "output": output}
-        ctx.names = rule.saves
-        ctx.save_for_backward(*(values[name] for name in rule.saves))
+        names = rule.saves_for(layer)
+        tensors = {"weight": (weight,), "bias": (bias,), "output": (output,), "input": inputs}
+        ctx.save_for_backward(*(t for name in names for t in tensors[name]))
+        ctx.names, ctx.count = names, len(inputs)
         ctx.layer, ctx.rule, ctx.relu = layer, rule, relu
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, relevance: Tensor):
-        saved = dict.fromkeys(_SLOTS)
-        saved.update(zip(ctx.names, ctx.saved_tensors))
+        saved = dict.fromkeys(("input", "weight", "bias", "output"))
+        values = iter(ctx.saved_tensors)
+        for name in ctx.names:
+            saved[name] = tuple(next(values) for _ in range(ctx.count)) if name == "input" else next(values)
+        if saved["input"] is not None and ctx.count == 1:
+            saved["input"] = saved["input"][0]
         rule = ctx.rule.relevance_after_relu if ctx.relu else ctx.rule.relevance
         relevance_in = rule(ctx.layer, relevance, **saved)
-        return relevance_in, None, None, None, None, None
+        if ctx.count == 1:
+            return None, None, None, None, None, relevance_in
+        return (None, None, None, None, None, *relevance_in)
 
 
 def fused_relu(output: Tensor) -> Tensor:
     """The ReLU a layer applies to its own output: in place in eager mode; out of place in a
     traced graph (torch 2.11's compiled backward on CUDA saw a zero output after an in-place
     one)."""
-    return torch.relu(output) if _compiling() else output.relu_()
+    return torch.relu(output) if compiling() else output.relu_()
 
 
-def lrp_apply(layer: Layer, rule: Rule, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-              *, relu: bool = False) -> Tensor:
-    """Apply ``layer`` to ``input``; relevance flows back through ``rule``.
+def lrp_apply(layer: Layer, rule: Rule, input: Tensor | tuple[Tensor, ...], weight: Tensor | None = None,
+              bias: Tensor | None = None, *, relu: bool = False) -> Tensor:
+    """Apply ``layer`` to ``input`` (a tensor, or a tuple of operands); relevance flows back
+    through ``rule``.
 
     ``relu=True`` applies a ReLU to the layer's output in place (``convert`` fuses a ReLU that
     alone reads a layer's output), so that the output the rule saves is the tensor the next
@@ -58,4 +72,5 @@ def lrp_apply(layer: Layer, rule: Rule, input: Tensor, weight: Tensor | None = N
     relevance of dead units (``z <= 0``) is zero, which it is whenever the next layers' rules
     are proportional to their inputs (all but Flat and WSquare).
     """
-    return LRPFunction.apply(input, weight, bias, layer, rule, relu)
+    inputs = input if isinstance(input, tuple) else (input,)
+    return LRPFunction.apply(layer, rule, relu, weight, bias, *inputs)

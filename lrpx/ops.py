@@ -1,18 +1,21 @@
-"""Layer primitives for the rules: a forward ``f(x; W, b)`` and an input VJP ``g(s; W)``.
+"""Layer primitives for the rules, one small immutable description per layer call.
 
-Each class is a small immutable description of one layer call. The VJPs call ATen's
-backward kernels directly (no autograd graph, no weight gradient).
+Each class names its ``kind`` (``lrpx.rules.KINDS``) and offers the primitives of that kind:
+a weighted layer its forward ``f(x; W, b)`` and input VJP ``g(s; W)``, a parameter-free linear
+map (``sum``) its forward and VJP, a normalisation its centring, and so on (``docs/rules.md``).
+The VJPs call ATen's backward kernels directly (no autograd graph, no weight gradient).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LinearOps", "ConvOps", "DiagonalOps", "AvgPoolOps", "AdaptiveAvgPoolOps", "MeanOps", "ElementwiseOps"]
+__all__ = ["LinearOps", "ConvOps", "DiagonalOps", "AvgPoolOps", "AdaptiveAvgPoolOps", "MeanOps", "SumOps",
+           "ElementwiseOps", "LayerNormOps", "GroupNormOps", "SoftmaxOps", "MatmulOps", "ProductOps"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -32,6 +35,7 @@ def _shape(input: Tensor | torch.Size) -> torch.Size:
 class LinearOps:
     """``F.linear``; VJP ``s @ W``."""
 
+    kind: ClassVar[str] = "weighted"
     channel_axis: int = -1
     input_nonnegative: bool = False
 
@@ -46,6 +50,7 @@ class LinearOps:
 class ConvOps:
     """``F.conv{1,2,3}d`` with numeric padding; VJP by ``aten.convolution_backward``."""
 
+    kind: ClassVar[str] = "weighted"
     dim: int
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -68,6 +73,7 @@ class ConvOps:
 class DiagonalOps:
     """A per-channel affine map ``x * w + b`` (BatchNorm in eval mode); VJP ``s * w``."""
 
+    kind: ClassVar[str] = "weighted"
     channel_axis: int = 1
     input_nonnegative: bool = False
 
@@ -92,6 +98,7 @@ def _as_2d(t: Tensor, dim: int) -> Tensor:
 class AvgPoolOps:
     """Average pooling; VJP by ``aten.avg_pool{2,3}d_backward`` (1d runs as 2d)."""
 
+    kind: ClassVar[str] = "sum"
     dim: int
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -126,6 +133,7 @@ class AvgPoolOps:
 class AdaptiveAvgPoolOps:
     """Adaptive average pooling; VJP by ``aten._adaptive_avg_pool{2,3}d_backward``."""
 
+    kind: ClassVar[str] = "sum"
     dim: int
     output_size: tuple[int | None, ...]
     channel_axis: int = 1
@@ -148,6 +156,7 @@ class MeanOps:
     """``input.mean(dim, keepdim)`` (global average pooling written as a mean); VJP spreads
     ``s / n`` over the averaged elements. ``dim=None`` averages everything."""
 
+    kind: ClassVar[str] = "sum"
     dim: tuple[int, ...] | None
     keepdim: bool = False
     channel_axis: int = 1
@@ -170,10 +179,30 @@ class MeanOps:
 
 
 @dataclass(frozen=True)
+class SumOps:
+    """The sum of broadcastable operands (a residual sum, ``x + parameter``); the VJP of each
+    operand sums ``s`` over the dimensions it was broadcast along."""
+
+    kind: ClassVar[str] = "sum"
+    channel_axis: int = 1
+
+    def forward(self, input: tuple[Tensor, ...], weight: None = None, bias: None = None) -> Tensor:
+        output = input[0] + input[1]
+        for t in input[2:]:
+            output = output.add_(t)
+        return output
+
+    def vjp(self, s: Tensor, weight: None, input: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``s`` summed to each operand's shape (``s`` itself, not a copy, where the shapes agree)."""
+        return tuple(s.sum_to_size(t.shape) for t in input)
+
+
+@dataclass(frozen=True)
 class ElementwiseOps:
     """An element-wise function (an activation); its VJP is never needed by ``Pass``."""
 
     function: Callable[[Tensor], Tensor]
+    kind: ClassVar[str] = "elementwise"
     channel_axis: int = 1
 
     def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
@@ -181,3 +210,89 @@ class ElementwiseOps:
 
     def vjp(self, s: Tensor, weight: None, input: Tensor | torch.Size) -> Tensor:  # pragma: no cover
         raise NotImplementedError("element-wise layers take the Pass rule")
+
+
+@dataclass(frozen=True)
+class LayerNormOps:
+    """``F.layer_norm`` over the trailing ``normalized_shape``, read as ``y = c / sigma * w + b``
+    with the centring ``c = x - mean(x)`` (a linear map of ``x``) and ``sigma`` held constant."""
+
+    normalized_shape: tuple[int, ...]
+    eps: float
+    kind: ClassVar[str] = "normalization"
+
+    def forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+    def _dims(self) -> tuple[int, ...]:
+        return tuple(range(-len(self.normalized_shape), 0))
+
+    def centre(self, input: Tensor) -> Tensor:
+        return input - input.mean(self._dims(), keepdim=True)
+
+    def centre_vjp(self, s: Tensor) -> Tensor:
+        """The VJP of the centring, ``s - mean(s)``, written into ``s``."""
+        return s.sub_(s.mean(self._dims(), keepdim=True))
+
+    def bias_like(self, bias: Tensor, output: Tensor) -> Tensor:
+        return bias
+
+
+@dataclass(frozen=True)
+class GroupNormOps:
+    """``F.group_norm``: per sample, the channels of one group at all positions are normalised."""
+
+    num_groups: int
+    eps: float
+    kind: ClassVar[str] = "normalization"
+
+    def forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return F.group_norm(input, self.num_groups, weight, bias, self.eps)
+
+    def centre(self, input: Tensor) -> Tensor:
+        grouped = input.reshape(input.shape[0], self.num_groups, -1)
+        return (grouped - grouped.mean(-1, keepdim=True)).reshape(input.shape)
+
+    def centre_vjp(self, s: Tensor) -> Tensor:
+        grouped = s.reshape(s.shape[0], self.num_groups, -1)
+        return grouped.sub_(grouped.mean(-1, keepdim=True)).reshape(s.shape)
+
+    def bias_like(self, bias: Tensor, output: Tensor) -> Tensor:
+        return bias.reshape(-1, *(1,) * (output.dim() - 2))
+
+
+@dataclass(frozen=True)
+class SoftmaxOps:
+    """``torch.softmax(input, dim)``."""
+
+    dim: int
+    kind: ClassVar[str] = "softmax"
+
+    def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
+        return torch.softmax(input, self.dim)
+
+
+@dataclass(frozen=True)
+class MatmulOps:
+    """``a @ b`` of two activations (attention scores, attention times values)."""
+
+    kind: ClassVar[str] = "bilinear"
+
+    def forward(self, input: tuple[Tensor, Tensor], weight: None = None, bias: None = None) -> Tensor:
+        return torch.matmul(*input)
+
+
+@dataclass(frozen=True)
+class ProductOps:
+    """``a * b`` (or ``a / b`` with ``divide``) of two tensors of the ``shapes`` of this call;
+    ``signal`` is the operand that carries the signal (``0`` or ``1``: the other is a gate or a
+    constant factor) or ``None`` (both: two activations)."""
+
+    signal: int | None
+    divide: bool = False
+    shapes: tuple[torch.Size, ...] = ()
+    kind: ClassVar[str] = "product"
+
+    def forward(self, input: tuple[Tensor, Tensor], weight: None = None, bias: None = None) -> Tensor:
+        a, b = input
+        return a / b if self.divide else a * b

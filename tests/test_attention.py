@@ -21,7 +21,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import lrpx
 from lrpx.layers.attention import ATTENTION_TWINS, LRPMultiheadAttention, LRPSoftmax, lrp_matmul, lrp_softmax
-from lrpx.rules import Epsilon, Norm
+from lrpx.rules import Epsilon, Taylor
 
 DT = torch.float64
 EPS = 1e-9
@@ -315,7 +315,7 @@ def test_lrp_matmul_broadcast_batch():
 
 def test_lrp_softmax_twin():
     m = nn.Softmax(dim=1)
-    twin = LRPSoftmax.from_module(m, Norm())
+    twin = LRPSoftmax.from_module(m, Taylor())
     x, r = rand(2, 5, 3, seed=1), rand(2, 5, 3, seed=2)
     xr = x.clone().requires_grad_()
     out = twin(xr)
@@ -323,8 +323,8 @@ def test_lrp_softmax_twin():
     (got,) = torch.autograd.grad(out, xr, grad_outputs=r)
     expected = np.moveaxis(softmax_relevance(np.moveaxis(x.numpy(), 1, -1), np.moveaxis(r.numpy(), 1, -1)), -1, 1)
     assert_close(got, expected, 1e-9)
-    assert "rule=Norm" in repr(twin) and "dim=1" in repr(twin)
-    assert twin.lrp_kind == "sum" and isinstance(twin, nn.Softmax)
+    assert "rule=Taylor()" in repr(twin) and "dim=1" in repr(twin)
+    assert twin.lrp_kind == "softmax" and isinstance(twin, nn.Softmax)
 
 
 # ------------------------------------------------------------------ relevance through attention

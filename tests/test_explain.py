@@ -63,9 +63,19 @@ def test_callers_x_untouched(lrp64):
     assert torch.equal(x, copy) and not x.requires_grad and x.grad is None
 
 
+def test_explanation_carries_the_target(lrp64):
+    explanation = lrpx.explain(lrp64, x64())
+    torch.testing.assert_close(explanation.target, explanation.output.argmax(1))
+    assert lrpx.explain(lrp64, x64(), 4).target.tolist() == [4, 4, 4]
+    out = lrpx.explain(lrp64, x64(), initial=torch.ones(3, 5, dtype=torch.float64))
+    assert out.target is None
+    relevance, output = out  # unpacks as (relevance, output)
+    assert relevance is out.relevance and output is out.output
+
+
 @pytest.mark.parametrize("target,error,match", [
     (5, ValueError, "out of range"), (-1, ValueError, "out of range"), ([0, 1], ValueError, r"expected \(3,\)"),
-    (1.5, TypeError, "integer"),
+    (1.5, TypeError, "integer"), ([], ValueError, r"target is empty; expected \(3,\)"),
 ])
 def test_bad_targets(lrp64, target, error, match):
     with pytest.raises(error, match=match):
@@ -83,6 +93,8 @@ def test_bad_inputs(lrp64):
         lrpx.explain(lrp64, x64(), initial=torch.ones(3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="initial"):
         lrpx.explain(lrp64, x64(), 0, initial="softmax")
+    with pytest.raises(ValueError, match=r"x has shape \(0, 3, 8, 8\): explain needs a batch of at least one"):
+        lrpx.explain(lrp64, x64()[:0], [])
 
 
 def test_non_finite_relevance_is_reported():

@@ -295,10 +295,10 @@ def test_convert_tiny_mlp():
 def test_kind_and_registry():
     assert NORM_TWINS == {nn.LayerNorm: LRPLayerNorm, nn.GroupNorm: LRPGroupNorm, LayerNorm2d: LRPLayerNorm2d}
     for cls in NORM_TWINS.values():
-        assert cls.lrp_kind == "sum"
+        assert cls.lrp_kind == "normalization"
         assert issubclass(cls, tuple(k for k, v in NORM_TWINS.items() if v is cls))
-    assert kind_of(nn.LayerNorm(3), twins=NORM_TWINS) == "sum"
-    assert kind_of(LRPGroupNorm.from_module(nn.GroupNorm(1, 2), Norm())) == "sum"
+    assert kind_of(nn.LayerNorm(3), twins=NORM_TWINS) == "normalization"
+    assert kind_of(LRPGroupNorm.from_module(nn.GroupNorm(1, 2), Norm())) == "normalization"
 
 
 @pytest.mark.parametrize("rule", [Epsilon(), ZPlus(), Gamma(0.25)])
@@ -306,7 +306,8 @@ def test_kind_and_registry():
 def test_other_rules_raise(name, rule):
     module, _, _ = make(name)
     cls = TWIN_OF[type(module)]
-    with pytest.raises(TypeError, match=rf"{cls.__name__}.*Norm.*Pass"):
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: .* does not fit normalization layers .* rules for "
+                       r"normalization layers: Pass, Norm"):
         cls.from_module(module, rule)
 
 

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import lrpx
-from lrpx.layers import Add, Mean
+from lrpx.layers import Add
 
 
 def randomized(name: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Module:
@@ -73,10 +73,12 @@ def _bias(m, b, z):
 
 def absorbed(m: nn.Module, x: torch.Tensor, z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Sum of output relevance minus sum of input relevance that layer ``m`` should give,
-    computed from the rule's definition in RULES.md (not from the library's fast forms)."""
+    computed from the rule's definition in docs/rules.md (not from the library's fast forms)."""
     rule = m.rule
-    if isinstance(rule, lrpx.rules.Pass):
+    if isinstance(rule, (lrpx.rules.Pass, lrpx.rules.Uniform)):  # Uniform on a product: R_a + R_b = R
         return torch.zeros((), dtype=R.dtype)
+    if isinstance(rule, lrpx.rules.Taylor):  # softmax: R_x = x (R - s sum R)
+        return R.sum() - (x * (R - z * R.sum(m.dim, keepdim=True))).sum()
     if isinstance(rule, lrpx.rules.Norm):
         return (R * rule.epsilon * sign0(z) / stab(z, rule.epsilon)).sum()
     w, b = _affine(m)
@@ -164,7 +166,7 @@ class Recorder:
     def __init__(self, model: nn.Module):
         self.calls = []
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                        if isinstance(m, (lrpx.layers.Twin, Add, Mean))]
+                        if isinstance(m, lrpx.layers.Twin)]
 
     def _hook(self, module, args, output):
         if isinstance(output, tuple):  # MultiheadAttention: (output, weights)

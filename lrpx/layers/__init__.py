@@ -1,19 +1,22 @@
 """LRP twins of torch layers and the registry that maps a torch class to its twin.
 
 A twin subclasses the exact torch class it replaces, shares its Parameters, and computes
-the same forward; its backward applies an LRP rule. ``default_twins()`` returns the
-registry as a plain dict (a copy): ``{torch class: twin class}``, where ``None`` means the
-layer is kept as it is because its plain gradient already is the right relevance flow
-(max pooling, dropout in eval, reshapes).
+the same forward; its backward applies an LRP rule. Its class declares what ``convert``
+needs to know: its kind of layer (``lrp_kind``), whether it can apply a following ReLU
+(``lrp_fusable``) and whether its output is non-negative (``output_nonnegative``).
+
+``default_twins()`` returns the registry as a plain dict (a copy): ``{torch class: twin
+class}``, where ``None`` means the layer is kept as it is because its plain gradient already
+is the right relevance flow (max pooling, dropout in eval, reshapes).
 """
 from __future__ import annotations
 
 from torch import nn
 
 from ..rules.base import Rule
-from .activation import ACTIVATION_TWINS, ACTIVATIONS, FusedReLU
-from .base import Twin
+from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, FusedReLU
 from .attention import ATTENTION_TWINS
+from .base import Twin, copy_hooks, has_hooks
 from .merge import Add, Product
 from .normalization import NORM_TWINS
 from .pooling import (LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d, LRPAdaptiveAvgPool3d, LRPAvgPool1d,
@@ -21,8 +24,10 @@ from .pooling import (LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d, LRPAdaptiveAvg
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Product", "FusedReLU", "twin", "default_twins", "kind_of", "batchnorm_affine",
-           "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT"]
+__all__ = ["Twin", "Add", "Mean", "Product", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
+           "batchnorm_affine",
+           "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
+           "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -39,15 +44,17 @@ def _torchvision_kept() -> tuple[type[nn.Module], ...]:
     return (StochasticDepth, Permute)
 
 
-#: layers kept as they are: their gradient routes relevance correctly
-KEPT = (
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+#: kept layers whose output is >= 0 when their input is (a constant pad may pad with a negative value)
+SIGN_KEEPING = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
     nn.Identity, nn.Flatten, nn.Unflatten, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-    nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ChannelShuffle,
-    Product,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d, nn.ChannelShuffle,
 ) + _torchvision_kept()
+#: layers kept as they are: their gradient routes relevance correctly
+KEPT = SIGN_KEEPING + _CONSTANT_PADS
 
 _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     nn.Linear: LRPLinear,
@@ -65,6 +72,7 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     nn.AdaptiveAvgPool3d: LRPAdaptiveAvgPool3d,
     Add: Add,
     Mean: Mean,
+    Product: Product,
     **ACTIVATION_TWINS,
     **NORM_TWINS,
     **ATTENTION_TWINS,
@@ -82,38 +90,42 @@ def default_twins() -> dict[type[nn.Module], type[nn.Module] | None]:
     return dict(_TWINS)
 
 
+def registry(twins: dict[type[nn.Module], type[nn.Module] | None] | None = None
+             ) -> dict[type[nn.Module], type[nn.Module] | None]:
+    """The default registry updated by a user's ``twins`` (checked: each twin class declares a
+    kind of layer and can be built ``from_module``)."""
+    merged = default_twins()
+    for cls, twin_cls in (twins or {}).items():
+        if twin_cls is not None and (not isinstance(twin_cls, type) or not issubclass(twin_cls, Twin)):
+            raise TypeError(f"twins[{cls.__name__}] must be a subclass of lrpx.layers.Twin (or None to keep the "
+                            f"layer), got {twin_cls!r}")
+        if twin_cls is not None and getattr(twin_cls, "lrp_kind", None) is None:
+            raise TypeError(f"twin class {twin_cls.__name__} must declare lrp_kind, one of "
+                            "'weighted', 'elementwise', 'sum', 'normalization', 'softmax', 'bilinear', 'product'")
+        merged[cls] = twin_cls
+    return merged
+
+
 def kind_of(module: nn.Module, twins: dict | None = None) -> str | None:
-    """"weighted", "elementwise" or "sum" for a layer that takes a rule; None otherwise.
-
-    A class from a user registry ``twins`` takes the ``lrp_kind`` of its twin class.
-    """
-    cls = type(module)
-    if cls is Add:
-        return "sum"
-    if twins and twins.get(cls) is not None and cls not in _TWINS:
-        return getattr(twins[cls], "lrp_kind", None)
-    if issubclass(cls, Twin):
-        cls = next((c for c in cls.__mro__[1:] if c in _TWINS), cls)
-    if cls in WEIGHTED:
-        return "weighted"
-    if cls in ACTIVATIONS:
-        return "elementwise"
-    if cls in POOLS:
-        return "sum"
-    if _TWINS.get(cls) is not None:
-        return getattr(_TWINS[cls], "lrp_kind", None)
-    return getattr(module, "lrp_kind", None)
+    """The kind of layer (``lrpx.rules.KINDS``) of ``module``: that of its twin class in the
+    registry ``twins`` (default: :func:`default_twins`), or its own if it is a twin; ``None``
+    for a layer that takes no rule (kept, a container, unknown)."""
+    if isinstance(module, Twin):
+        return type(module).lrp_kind
+    twin_cls = (default_twins() if twins is None else twins).get(type(module))
+    return None if twin_cls is None else twin_cls.lrp_kind
 
 
-def twin(module: nn.Module, rule: Rule) -> nn.Module:
+def twin(module: nn.Module, rule: Rule, twins: dict | None = None) -> nn.Module:
     """The LRP twin of one layer with ``rule``, sharing the layer's Parameters.
 
     The lookup is by exact type: a subclass of a torch layer is not silently replaced.
     """
-    if type(module) in _TWINS and _TWINS[type(module)] is None:
+    table = default_twins() if twins is None else twins
+    if type(module) in table and table[type(module)] is None:
         raise TypeError(f"{type(module).__name__} takes no rule: convert keeps it as it is, since its plain "
                         "gradient already routes relevance")
-    cls = _TWINS.get(type(module))
+    cls = table.get(type(module))
     if cls is None:
         raise TypeError(
             f"lrpx has no twin for {type(module).__module__}.{type(module).__qualname__}; "

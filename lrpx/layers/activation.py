@@ -15,13 +15,19 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.ReLU6,
     nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.SELU, nn.CELU,
 )
+#: the activations whose output is >= 0 whatever their input
+NONNEGATIVE_ACTIVATIONS = frozenset({nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid})
 
 
 class _ActivationTwin(Twin):
+    lrp_kind = "elementwise"
     _torch_class: type[nn.Module]
 
     def forward(self, input: Tensor) -> Tensor:
         return lrp_apply(ElementwiseOps(partial(self._torch_class.forward, self)), self.rule, input)
+
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return self._torch_class in NONNEGATIVE_ACTIVATIONS
 
 
 def _activation_twin(cls: type[nn.Module]) -> type[nn.Module]:
@@ -46,4 +52,5 @@ class FusedReLU(ACTIVATION_TWINS[nn.ReLU]):  # type: ignore[misc, valid-type]
         return super().extra_repr() + ", applied by the layer before (fused)"
 
 
-__all__ = [twin.__name__ for twin in ACTIVATION_TWINS.values()] + ["ACTIVATIONS", "ACTIVATION_TWINS", "FusedReLU"]
+__all__ = [twin.__name__ for twin in ACTIVATION_TWINS.values()] + [
+    "ACTIVATIONS", "ACTIVATION_TWINS", "NONNEGATIVE_ACTIVATIONS", "FusedReLU"]

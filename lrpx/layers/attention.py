@@ -28,63 +28,27 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ..core import lrp_apply
-from ..ops import ElementwiseOps, LinearOps
-from ..rules.base import Rule, divide
+from ..ops import ElementwiseOps, LinearOps, MatmulOps, SoftmaxOps
+from ..rules.attention import Taylor, Uniform
+from ..rules.base import Rule
 from ..rules.elementwise import Pass
 from .base import Twin
 
 __all__ = ["lrp_softmax", "lrp_matmul", "LRPSoftmax", "LRPMultiheadAttention", "ATTENTION_TWINS"]
 
 _LINEAR = LinearOps()
+_MATMUL = MatmulOps()
 _PASS = Pass()
-#: the stabilizer of the softmax and matmul rules when the twin's rule has no ``epsilon``
+_TAYLOR = Taylor()
+#: the stabilizer of the matmul rule by default
 DEFAULT_EPSILON = 1e-6
 
 
-class _SoftmaxFunction(torch.autograd.Function):
-    """``softmax(input, dim)``; backward ``R_x = x * (R - s * sum_dim R)``, 0 where ``x = -inf``."""
-
-    @staticmethod
-    def forward(ctx, input: Tensor, dim: int) -> Tensor:
-        output = torch.softmax(input, dim)
-        ctx.dim = dim
-        ctx.save_for_backward(input, output)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, relevance: Tensor):
-        input, output = ctx.saved_tensors
-        total = relevance.sum(ctx.dim, keepdim=True)
-        relevance_in = torch.addcmul(relevance, output, total, value=-1).mul_(input)
-        return relevance_in.masked_fill_(input == float("-inf"), 0), None
-
-
-class _MatmulFunction(torch.autograd.Function):
-    """``a @ b``; backward splits relevance half to each factor by the epsilon rule."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, epsilon: float) -> Tensor:
-        output = torch.matmul(a, b)
-        ctx.epsilon = epsilon
-        ctx.save_for_backward(a, b, output)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, relevance: Tensor):
-        a, b, output = ctx.saved_tensors
-        s = divide(relevance, output * 2, ctx.epsilon)
-        relevance_a = torch.matmul(s, b.mT).mul_(a).sum_to_size(a.shape)
-        relevance_b = torch.matmul(a.mT, s).mul_(b).sum_to_size(b.shape)
-        return relevance_a, relevance_b, None
-
-
-def lrp_softmax(input: Tensor, dim: int = -1) -> Tensor:
-    r"""``torch.softmax(input, dim)`` whose backward is the AttnLRP softmax rule.
+def lrp_softmax(input: Tensor, dim: int = -1, rule: Rule = _TAYLOR) -> Tensor:
+    r"""``torch.softmax(input, dim)`` whose backward applies ``rule`` (by default the AttnLRP
+    softmax rule :class:`lrpx.rules.Taylor`).
 
     .. math:: R_x = x \odot \Big(R - s \sum_{dim} R\Big), \qquad s = \mathrm{softmax}(x)
 
@@ -93,11 +57,12 @@ def lrp_softmax(input: Tensor, dim: int = -1) -> Tensor:
     conserved.) The rule has no denominator and hence no stabilizer. Inputs equal to
     :math:`-\infty` (masked positions) get relevance 0.
     """
-    return _SoftmaxFunction.apply(input, dim)
+    return lrp_apply(SoftmaxOps(dim), rule, input)
 
 
-def lrp_matmul(a: Tensor, b: Tensor, epsilon: float = DEFAULT_EPSILON) -> Tensor:
-    r"""``torch.matmul(a, b)`` of two activations whose backward is the AttnLRP matmul rule.
+def lrp_matmul(a: Tensor, b: Tensor, epsilon: float = DEFAULT_EPSILON, rule: Rule | None = None) -> Tensor:
+    r"""``torch.matmul(a, b)`` of two activations whose backward applies ``rule`` (by default
+    the AttnLRP matmul rule, :class:`lrpx.rules.Uniform` with ``epsilon``).
 
     .. math:: S = \frac{R}{\mathrm{stab}(2\,AB, \epsilon)}, \qquad
         R_A = A \odot (S B^\top), \qquad R_B = B \odot (A^\top S)
@@ -115,24 +80,21 @@ def lrp_matmul(a: Tensor, b: Tensor, epsilon: float = DEFAULT_EPSILON) -> Tensor
     """
     if a.dim() < 2 or b.dim() < 2:
         raise ValueError(f"lrp_matmul needs operands with >= 2 dimensions, got {a.dim()} and {b.dim()}")
-    return _MatmulFunction.apply(a, b, float(epsilon))
-
-
-def _epsilon(rule: Rule) -> float:
-    return float(getattr(rule, "epsilon", DEFAULT_EPSILON))
+    return lrp_apply(_MATMUL, Uniform(epsilon) if rule is None else rule, (a, b))
 
 
 class LRPSoftmax(Twin, nn.Softmax):
-    """``nn.Softmax`` whose backward is the AttnLRP softmax rule (see :func:`lrp_softmax`).
+    """``nn.Softmax`` whose backward applies its rule: the AttnLRP softmax rule
+    (:class:`lrpx.rules.Taylor`, see :func:`lrp_softmax`)."""
 
-    The rule object is kept for ``repr`` only: the softmax rule has no hyper-parameter.
-    """
-
-    lrp_kind = "sum"
+    lrp_kind = "softmax"
 
     def forward(self, input: Tensor) -> Tensor:
         dim = self.dim if self.dim is not None else F._get_softmax_dim("softmax", input.dim(), 5)
-        return lrp_softmax(input, dim)
+        return lrp_softmax(input, dim, self.rule)
+
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return True
 
 
 def _check_supported(module: nn.MultiheadAttention) -> None:
@@ -167,13 +129,13 @@ def _scaled(q: Tensor) -> Tensor:
     return lrp_apply(ElementwiseOps(partial(torch.mul, other=scale)), _PASS, q)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, epsilon: float) -> tuple[Tensor, Tensor]:
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, matmul: Rule) -> tuple[Tensor, Tensor]:
     """Scaled dot-product attention of ``(N, H, L, D)`` heads; returns output and weights."""
-    scores = lrp_matmul(_scaled(q), k.transpose(-2, -1), epsilon)
+    scores = lrp_matmul(_scaled(q), k.transpose(-2, -1), rule=matmul)
     if mask is not None:
         scores = scores + mask  # a constant: relevance passes to the scores unchanged
     weights = lrp_softmax(scores, -1)
-    return lrp_matmul(weights, v, epsilon), weights
+    return lrp_matmul(weights, v, rule=matmul), weights
 
 
 class LRPMultiheadAttention(Twin, nn.MultiheadAttention):
@@ -217,7 +179,7 @@ class LRPMultiheadAttention(Twin, nn.MultiheadAttention):
         query, key, value = _to_batch_first((query, key, value), batched, self.batch_first)
         q, k, v = (self._split_heads(t) for t in self._project(query, key, value))
         mask = self._mask(attn_mask, key_padding_mask, is_causal, need_weights, q, k)
-        heads, weights = _attend(q, k, v, mask, _epsilon(self.rule))
+        heads, weights = _attend(q, k, v, mask, Uniform(self.rule.epsilon))
         output = self._linear(heads.transpose(1, 2).flatten(2), self.out_proj.weight, self.out_proj.bias)
         if not batched:
             output = output.squeeze(0)

@@ -1,57 +1,48 @@
-"""``Add``: the LRP-aware residual sum that replaces ``a + b`` in traced forward code."""
+"""Layers for the sums and products that forward code writes as operators: ``Add`` replaces
+``a + b`` and ``Product`` replaces ``a * b`` / ``a / b`` when ``convert`` traces a model."""
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+import operator
 
-from ..core import fused_relu
-from ..rules.base import Rule, divide, divide_after_relu
-from ..rules.elementwise import Norm
+from torch import Tensor, nn
+
+from ..core import lrp_apply
+from ..ops import ElementwiseOps, ProductOps, SumOps
+from ..rules.base import Rule
+from ..rules.attention import Uniform
+from ..rules.elementwise import Norm, Pass
+from .base import Twin
 
 __all__ = ["Add", "Product"]
 
-
-class _AddFunction(torch.autograd.Function):
-    """Sum of broadcastable operands; backward splits relevance in proportion to each
-    operand's contribution: ``R_i = x_i * R / stab(sum_i x_i)`` (the Norm rule)."""
-
-    @staticmethod
-    def forward(ctx, epsilon: float, relu: bool, *operands: Tensor) -> Tensor:
-        output = operands[0] + operands[1]
-        for t in operands[2:]:
-            output = output.add_(t)
-        if relu:  # a fused ReLU: the saved sum is the ReLU output the next layer reads
-            output = fused_relu(output)
-        ctx.epsilon, ctx.relu = epsilon, relu
-        ctx.save_for_backward(output, *operands)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, relevance: Tensor):
-        output, *operands = ctx.saved_tensors
-        divide_ = divide_after_relu if ctx.relu else divide  # a fused ReLU: dead units pass nothing
-        s = divide_(relevance, output, ctx.epsilon)
-        *first, last = operands
-        shares = [(t * s).sum_to_size(t.shape) for t in first]
-        # the last share may take s's own buffer (no broadcast: s is not read again)
-        shares.append(s.mul_(last) if last.shape == s.shape else (last * s).sum_to_size(last.shape))
-        return (None, None, *shares)
+_SUM = SumOps()
+_PASS = Pass()
 
 
-class Add(nn.Module):
-    """``operands[0] + operands[1] + ...`` with relevance split by the ``Norm`` rule.
+class _OwnLayer(Twin, nn.Module):
+    """A layer that exists only in converted models: built with its rule, no torch original."""
+
+    def __init__(self, rule: Rule) -> None:
+        super().__init__()
+        self.check_rule(rule)
+        self.rule = rule
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule!r}" + (", then ReLU (fused)" if self.fused_relu else "")
+
+
+class Add(_OwnLayer):
+    """``operands[0] + operands[1] + ...`` with relevance split by the ``Norm`` rule (in
+    proportion to each operand's contribution, ``R_i = x_i R / stab(sum_j x_j)``).
 
     Non-tensor operands (a Python number added in traced code) fall back to ``+``.
     """
 
-    #: apply the ReLU that alone reads the sum (set by ``convert``, as for weighted twins)
-    fused_relu: bool = False
+    lrp_kind = "sum"
+    lrp_fusable = True
 
     def __init__(self, rule: Rule | None = None) -> None:
-        super().__init__()
-        self.rule = Norm() if rule is None else rule
+        super().__init__(Norm() if rule is None else rule)
 
     @classmethod
     def from_module(cls, module: "Add", rule: Rule) -> "Add":
@@ -63,63 +54,53 @@ class Add(nn.Module):
             for t in operands[1:]:
                 out = out + t
             return out.relu() if self.fused_relu else out
-        return _AddFunction.apply(self.rule.epsilon, self.fused_relu, *operands)
+        return lrp_apply(_SUM, self.rule, operands, relu=self.fused_relu)
 
-    def extra_repr(self) -> str:
-        return f"rule={self.rule!r}" + (", then ReLU (fused)" if self.fused_relu else "")
-
-
-class _ProductFunction(torch.autograd.Function):
-    """``a * b`` (or ``a / b``); backward gives all relevance to operand ``signal`` or, with
-    ``signal=None``, half of it to each operand."""
-
-    @staticmethod
-    def forward(ctx, signal: int | None, divide_: bool, a: Tensor | float, b: Tensor | float) -> Tensor:
-        ctx.signal = signal
-        ctx.shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in (a, b))
-        return a / b if divide_ else a * b
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, relevance: Tensor):
-        if ctx.signal is None:
-            half = relevance * 0.5
-            return (None, None, *(half.sum_to_size(shape) for shape in ctx.shapes))
-        out: list = [None, None]
-        out[ctx.signal] = relevance.sum_to_size(ctx.shapes[ctx.signal])
-        return (None, None, *out)
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return self.fused_relu or inputs_nonnegative
 
 
-class Product(nn.Module):
+class Product(_OwnLayer):
     r"""``a * b`` or ``a / b`` in forward code, with the relevance going where it belongs.
 
-    * ``signal=i``: operand ``i`` gets all the relevance, the other none. This is the rule
-      for a gate, ``x * sigmoid(...)`` in squeeze-excitation (signal-take-all, Arras et al.
-      2017), and for a constant factor: layer scale ``gamma * x``, ``x / 255`` (a diagonal
-      linear layer without bias, whose epsilon rule is the identity up to the stabilizer).
-    * ``signal=None``: two activations multiplied, each gets half (the uniform rule, AttnLRP,
-      Achtibat et al. 2024, Prop. 3.2).
+    ``signal`` says which operands carry the signal, as ``convert`` finds them in the traced
+    code: ``0`` or ``1`` when the other operand is a gate (``x * sigmoid(...)`` in
+    squeeze-excitation) or a constant factor (layer scale ``gamma * x``, ``x / 255``: a diagonal
+    linear map without bias), ``None`` for two activations. The rule (``Uniform``) gives all
+    relevance to the one signal operand, or half to each of two (AttnLRP, Prop. 3.2):
 
     .. math:: R_{\text{signal}} = R \quad\text{or}\quad R_a = R_b = R / 2
 
     summed over broadcast dimensions. A Python number operand makes the tensor the signal.
     """
 
-    def __init__(self, signal: int | None = 0, divide: bool = False) -> None:
-        super().__init__()
+    lrp_kind = "product"
+
+    def __init__(self, signal: int | None = 0, divide: bool = False, rule: Rule | None = None) -> None:
         if signal not in (0, 1, None):
             raise ValueError(f"signal is 0, 1 or None, got {signal!r}")
+        super().__init__(Uniform() if rule is None else rule)
         self.signal, self.divide = signal, bool(divide)
+
+    @classmethod
+    def from_module(cls, module: "Product", rule: Rule) -> "Product":
+        return cls(module.signal, module.divide, rule)
 
     def forward(self, a, b):
         tensors = [isinstance(t, Tensor) for t in (a, b)]
-        if not all(tensors):
-            if not any(tensors):
-                return a / b if self.divide else a * b
-            # one tensor and a number: the tensor takes all relevance
-            return _ProductFunction.apply(0 if tensors[0] else 1, self.divide, a, b)
-        return _ProductFunction.apply(self.signal, self.divide, a, b)
+        if all(tensors):
+            return lrp_apply(ProductOps(self.signal, self.divide, (a.shape, b.shape)), self.rule, (a, b))
+        if not any(tensors):
+            return a / b if self.divide else a * b
+        # a tensor and a number: a constant factor, which passes the relevance to the tensor
+        tensor, number = (a, b) if tensors[0] else (b, a)
+        op = operator.truediv if self.divide else operator.mul
+        function = (lambda t: op(t, number)) if tensors[0] else (lambda t: op(number, t))
+        return lrp_apply(ElementwiseOps(function), _PASS, tensor)
+
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return inputs_nonnegative
 
     def extra_repr(self) -> str:
         who = "half each" if self.signal is None else f"signal={self.signal}"
-        return f"{'divide' if self.divide else 'multiply'}, {who}"
+        return f"{'divide' if self.divide else 'multiply'}, {who}, rule={self.rule!r}"

@@ -15,7 +15,14 @@ __all__ = ["LRPAvgPool1d", "LRPAvgPool2d", "LRPAvgPool3d",
            "LRPAdaptiveAvgPool1d", "LRPAdaptiveAvgPool2d", "LRPAdaptiveAvgPool3d", "Mean"]
 
 
-class _AvgPoolTwin(Twin):
+class _PoolTwin(Twin):
+    lrp_kind = "sum"
+
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return inputs_nonnegative
+
+
+class _AvgPoolTwin(_PoolTwin):
     dim: int
 
     def forward(self, input: Tensor) -> Tensor:
@@ -41,7 +48,7 @@ class LRPAvgPool3d(_AvgPoolTwin, nn.AvgPool3d):
     dim = 3
 
 
-class _AdaptiveAvgPoolTwin(Twin):
+class _AdaptiveAvgPoolTwin(_PoolTwin):
     dim: int
 
     def forward(self, input: Tensor) -> Tensor:
@@ -63,14 +70,12 @@ class LRPAdaptiveAvgPool3d(_AdaptiveAvgPoolTwin, nn.AdaptiveAvgPool3d):
     dim = 3
 
 
-class Mean(nn.Module):
+class Mean(_PoolTwin, nn.Module):
     """``input.mean(dim, keepdim)`` as a layer with the Norm rule: the global average pooling
     that forward code writes as ``x.mean([2, 3])`` (ShuffleNet, MnasNet).
 
     ``convert`` puts one in place of each such call it finds when tracing forward code.
     """
-
-    lrp_kind = "sum"
 
     def __init__(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False,
                  rule: Rule | None = None) -> None:
@@ -81,6 +86,7 @@ class Mean(nn.Module):
 
     @classmethod
     def from_module(cls, module: "Mean", rule: Rule) -> "Mean":
+        cls.check_rule(rule)
         return cls(module.dim, module.keepdim, rule)
 
     def forward(self, input: Tensor) -> Tensor:

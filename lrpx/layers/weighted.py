@@ -15,7 +15,12 @@ __all__ = ["LRPLinear", "LRPConv1d", "LRPConv2d", "LRPConv3d",
 _LINEAR, _LINEAR_NONNEGATIVE = LinearOps(), LinearOps(input_nonnegative=True)
 
 
-class LRPLinear(Twin, nn.Linear):
+class _WeightedTwin(Twin):
+    lrp_kind = "weighted"
+    lrp_fusable = True
+
+
+class LRPLinear(_WeightedTwin, nn.Linear):
     """``nn.Linear`` whose backward applies its LRP rule."""
 
     def forward(self, input: Tensor) -> Tensor:
@@ -23,7 +28,7 @@ class LRPLinear(Twin, nn.Linear):
         return lrp_apply(ops, self.rule, input, self.weight, self.bias, relu=self.fused_relu)
 
 
-class _ConvTwin(Twin):
+class _ConvTwin(_WeightedTwin):
     def forward(self, input: Tensor) -> Tensor:
         dim, rule = len(self.kernel_size), self.rule
         padding, pad, mode = self.padding, None, "zeros"
@@ -34,8 +39,7 @@ class _ConvTwin(Twin):
             padding, pad = _string_padding(padding, self.kernel_size, self.dilation)
         if pad is not None:
             input = F.pad(input, pad, mode=mode if mode != "zeros" else "constant")
-            if hasattr(rule, "padded"):
-                rule = rule.padded(pad, mode)
+            rule = rule.padded(pad, mode)
         ops = ConvOps(dim, tuple(self.stride), tuple(padding), tuple(self.dilation), self.groups,
                       input_nonnegative=self.input_nonnegative)
         return lrp_apply(ops, rule, input, self.weight, self.bias, relu=self.fused_relu)
@@ -80,7 +84,7 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tenso
     return scale, shift
 
 
-class _BatchNormTwin(Twin):
+class _BatchNormTwin(_WeightedTwin):
     def forward(self, input: Tensor) -> Tensor:
         if self.training:
             raise RuntimeError(f"{type(self).__name__} explains eval-mode BatchNorm only; call .eval() on the model")

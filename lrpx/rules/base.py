@@ -1,8 +1,9 @@
-"""The rule protocol and the stabilizer shared by every rule.
+"""The rule contract and the arithmetic shared by every rule.
 
-A rule turns the relevance arriving at a layer's output into the relevance of its input.
-It sees the layer only through two primitives (see :class:`Layer`): the forward
-``f(x; W, b)`` and the input vector-Jacobian product ``g(s; W) = J_x^T s``.
+A rule turns the relevance arriving at a layer's output into the relevance of its inputs.
+It sees the layer only through the primitives of the layer's *kind* (see :class:`Layer`
+and ``docs/rules.md``), for example the forward ``f(x; W, b)`` and the input
+vector-Jacobian product ``g(s; W) = J_x^T s`` of a weighted layer.
 """
 from __future__ import annotations
 
@@ -11,26 +12,37 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "stabilize", "divide", "divide_after_relu", "relu_mask_", "positive", "negative",
-           "is_nonnegative"]
+__all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_", "positive",
+           "negative", "is_nonnegative"]
+
+#: the kinds of layer, each with its primitives (``docs/rules.md``):
+#:
+#: * ``weighted``: ``forward(x, W, b)`` and ``vjp(s, W, x)`` (Linear, Conv, BatchNorm as affine map);
+#: * ``elementwise``: ``forward(x)`` (activations);
+#: * ``sum``: a linear map without parameters, ``forward(x)`` and ``vjp(s, None, x)``; ``x`` may
+#:   be a tuple (a sum of operands); average pooling, means, residual sums;
+#: * ``normalization``: ``forward(x, w, b)``, ``centre(x)``, ``centre_vjp(s)`` and
+#:   ``bias_like(b, y)`` (LayerNorm, GroupNorm);
+#: * ``softmax``: ``forward(x)`` and ``dim``;
+#: * ``bilinear``: ``forward((a, b))`` = ``a @ b`` of two activations;
+#: * ``product``: ``forward((a, b))`` = ``a * b`` or ``a / b`` and ``signal`` (the operands that
+#:   carry the signal: ``0``, ``1`` or ``None`` for both).
+KINDS = ("weighted", "elementwise", "sum", "normalization", "softmax", "bilinear", "product")
 
 
 class Layer(Protocol):
-    """The two primitives of a layer that a rule may call.
+    """What every layer description offers a rule: its ``kind`` and its ``forward``.
 
-    ``forward(input, weight, bias)`` computes the layer with the given parameters and
-    ``vjp(s, weight, input)`` the input vector-Jacobian product of the same layer
-    with weight ``weight``; ``input`` is the layer input (only its shape is read) or a
-    shape. Element-wise layers ignore the weight. ``channel_axis`` is the
-    axis of the output that the bias runs along (1 for Conv/BatchNorm, -1 for Linear).
+    The other primitives depend on the kind (:data:`KINDS`). ``channel_axis`` is the axis of
+    the output that the bias runs along (1 for Conv/BatchNorm, -1 for Linear) and
+    ``input_nonnegative`` says whether the input is ``>= 0`` by construction.
     """
 
+    kind: str
     channel_axis: int
     input_nonnegative: bool
 
-    def forward(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor: ...
-
-    def vjp(self, s: Tensor, weight: Tensor | None, input: Tensor | torch.Size) -> Tensor: ...
+    def forward(self, input, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor: ...
 
 
 def stabilize(z: Tensor, epsilon: float | Tensor, scale: float = 1.0) -> Tensor:
@@ -80,52 +92,109 @@ def negative(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
-def is_nonnegative(t: Tensor, layer: "Layer | None" = None) -> bool:
+def is_nonnegative(t: Tensor, layer: Layer) -> bool:
     """Whether every entry of a layer input is ``>= 0`` (inputs after a ReLU take the cheap
     forms): known from the model when ``layer.input_nonnegative`` (no look at the data);
     otherwise checked on the CPU. On other devices (where reading the data would make the host
     wait for the device) and under ``torch.compile`` an unknown input counts as signed: the
     general forms, which give the same relevance for non-negative data, with no
     synchronisation and no graph break."""
-    if getattr(layer, "input_nonnegative", False):
+    if layer.input_nonnegative:
         return True
-    if t.device.type != "cpu" or _compiling():
+    if t.device.type != "cpu" or compiling():
         return False
     return bool(t.min() >= 0) if t.numel() else True
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the running code."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
     return torch._dynamo.is_compiling()  # torch < 2.3
 
 
-class Rule:
-    """Base class of all rules: immutable, shareable between layers and threads.
+def fitting_rules(kind: str) -> list[str]:
+    """Names of the rule classes defined so far (lrpx's and the user's) that fit ``kind``."""
+    names, stack = [], list(Rule.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        stack.extend(cls.__subclasses__())
+        if kind in cls.kinds and not cls.__name__.startswith("_") and cls.__name__ not in names:
+            names.append(cls.__name__)
+    return names
 
-    Subclasses implement :meth:`relevance`. ``saves`` names the tensors of the forward
-    call that the backward needs; the autograd Function saves exactly those.
+
+class _Frozen(type):
+    """Makes every rule immutable once its ``__init__`` (however many levels) has returned."""
+
+    def __call__(cls, *args, **kwargs):
+        rule = super().__call__(*args, **kwargs)
+        if cls.relevance is Rule.relevance:
+            raise TypeError(f"{cls.__name__} does not implement relevance(layer, relevance, input, weight, "
+                            "bias, output); a rule must")
+        object.__setattr__(rule, "_frozen", True)
+        return rule
+
+
+class Rule(metaclass=_Frozen):
+    """Base class of all rules: immutable values, shareable between layers and threads.
+
+    A rule subclasses :class:`Rule`, sets its hyper-parameters in ``__init__`` and implements
+    :meth:`relevance`; the instance is frozen when ``__init__`` returns. Class attributes:
+
+    ``kinds``
+        The kinds of layer (:data:`KINDS`) the rule applies to. ``lrpx.convert`` and
+        ``Composite.assign`` refuse to put a rule on a layer of another kind.
+    ``saves``
+        The tensors of the forward call that :meth:`relevance` reads (``"input"``,
+        ``"weight"``, ``"bias"``, ``"output"``); the autograd Function saves exactly those
+        and passes ``None`` for the others.
+    ``fusable``
+        Whether the rule may read ``relu(z)`` for the saved output ``z`` of a layer whose only
+        reader is a ReLU (``convert`` then lets the layer apply that ReLU): true when the
+        rule's relevance at units with ``z <= 0`` does not matter, since none reaches them.
+    ``epsilon``
+        The stabilizer, ``1e-6`` unless the rule sets its own.
     """
 
     saves: tuple[str, ...] = ("input", "weight", "bias", "output")
-    #: the kinds of layer the rule applies to: "weighted", "elementwise" or "sum"
     kinds: frozenset[str] = frozenset({"weighted"})
-    #: whether the rule is unchanged when it reads ``relu(z)`` for the saved output ``z`` where
-    #: its relevance is zero at ``z <= 0`` (then ``convert`` may fuse a following ReLU)
     fusable: bool = False
+    epsilon: float = 1e-6
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.kinds) - set(KINDS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.kinds names unknown layer kinds {sorted(unknown)}; known: {KINDS}")
+
+    def saves_for(self, layer: Layer) -> tuple[str, ...]:
+        """The tensors to save for ``layer`` (``saves``, unless the rule needs less for a kind)."""
+        return self.saves
+
+    def fits(self, kind: str | None) -> bool:
+        """Whether the rule applies to layers of ``kind``."""
+        return kind in self.kinds
 
     def relevance(
         self,
         layer: Layer,
         relevance: Tensor,
-        input: Tensor | None,
+        input: Tensor | tuple[Tensor, ...] | None,
         weight: Tensor | None,
         bias: Tensor | None,
         output: Tensor | None,
-    ) -> Tensor:
-        """Return the relevance of ``input`` given the relevance of ``output``."""
+    ) -> Tensor | tuple[Tensor | None, ...]:
+        """The relevance of ``input`` (a tensor, or one per operand for a tuple) given the
+        relevance of ``output``. ``None`` for an operand means it receives none."""
         raise NotImplementedError
+
+    def padded(self, pad: list[int], mode: str) -> "Rule":
+        """This rule for the padded input of a layer that pads before it applies (a Conv with
+        ``padding_mode`` reflect/replicate/circular or an asymmetric ``'same'``): itself, unless
+        the rule holds per-element values of the input (ZBox bounds)."""
+        return self
 
     def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
         """:meth:`relevance` of a layer that applied a fused ReLU: ``output`` is ``relu(z)``.
@@ -159,8 +228,10 @@ class Rule:
             raise AttributeError(f"{type(self).__name__} is immutable; create a new rule instead")
         object.__setattr__(self, name, value)
 
-    def _freeze(self) -> None:
-        object.__setattr__(self, "_frozen", True)
+    def __delattr__(self, name: str) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is immutable; create a new rule instead")
+        object.__delattr__(self, name)
 
 
 def _short(v: object) -> str:

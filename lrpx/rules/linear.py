@@ -1,8 +1,8 @@
 """Rules for weighted layers (Linear, Conv, BatchNorm as a per-channel affine layer).
 
 Every formula is written with the layer's forward ``f(x; W, b)`` and its input
-vector-Jacobian product ``g(s; W)``; see ``RULES`` in the documentation for the notation.
-No autograd graph is built here and no weight gradient is computed.
+vector-Jacobian product ``g(s; W)``; ``docs/rules.md`` gives the notation. No autograd graph
+is built here and no weight gradient is computed.
 """
 from __future__ import annotations
 
@@ -57,7 +57,6 @@ class Epsilon(Rule):
     def __init__(self, epsilon: float = 1e-6, *, relative: bool = False) -> None:
         self.epsilon = _check_nonnegative("epsilon", epsilon)
         self.relative = bool(relative)
-        self._freeze()
 
     def _fields(self) -> dict[str, object]:
         fields = super()._fields()
@@ -90,9 +89,12 @@ class AlphaBeta(Rule):
     .. math:: R_j = \alpha\,[x^+_j g(s^+; W^+) + x^-_j g(s^+; W^-)]
                  - \beta\,[x^+_j g(s^-; W^-) + x^-_j g(s^-; W^+)]
 
-    with :math:`s^+ = R / \mathrm{stab}(W^+x^+ + b^+ + W^-x^-)` and
-    :math:`s^- = R / \mathrm{stab}(W^-x^+ + b^- + W^+x^-)`. Requires
+    with :math:`s^+ = R / \mathrm{stab}(z^+)`, :math:`z^+ = W^+x^+ + b^+ + W^-x^-` and
+    :math:`s^- = R / \mathrm{stab}(z^-)`, :math:`z^- = W^-x^+ + b^- + W^+x^-`. Requires
     :math:`\alpha - \beta = 1`, both :math:`\ge 0`. ``AlphaBeta(1, 0)`` is z+.
+
+    For :math:`x \ge 0` (:math:`x^- = 0`) each branch is one forward and one VJP:
+    :math:`R = x\,[\alpha\, g(s^+; W^+) - \beta\, g(s^-; W^-)]`.
     """
 
     saves = ("input", "weight", "bias")  # its denominators are forwards of their own
@@ -107,44 +109,45 @@ class AlphaBeta(Rule):
             )
         self.alpha, self.beta = alpha, beta
         self.epsilon = _check_nonnegative("epsilon", epsilon)
-        self._freeze()
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         if is_nonnegative(input, layer):
-            return self._nonnegative(layer, relevance, input, weight, bias, output)
+            return self._nonnegative(layer, relevance, input, weight, bias)
         return self._signed(layer, relevance, input, weight, bias)
 
-    def _nonnegative(self, layer, relevance, x, weight, bias, z):
-        # x >= 0: x+ = x, x- = 0. Both branches are computed directly (W- x as z - b - W+ x
-        # would cancel, and an empty branch would then amplify rounding noise by R / e)
-        out = self._branch(layer, relevance, x, positive(weight), positive(bias), self.alpha)
+    def _nonnegative(self, layer, relevance, x, weight, bias):
+        """``x [alpha g(s+; W+) - beta g(s-; W-)]``. Both branches are computed directly (``W- x``
+        as ``z - b - W+ x`` would cancel, and an empty branch would then amplify rounding noise
+        by ``R / epsilon``)."""
+        out = self._positive_input_branch(layer, relevance, x, positive(weight), positive(bias), self.alpha)
         if self.beta == 0:
             return out.mul_(x)
-        return out.sub_(self._branch(layer, relevance, x, negative(weight), negative(bias), self.beta)).mul_(x)
+        negative_branch = self._positive_input_branch(layer, relevance, x, negative(weight), negative(bias), self.beta)
+        return out.sub_(negative_branch).mul_(x)
 
-    def _branch(self, layer, relevance, x, w, b, factor):
+    def _positive_input_branch(self, layer, relevance, x, w, b, factor):
         """``g(factor * R / stab(w x + b); w)``, one output-sized temporary at a time."""
-        z = layer.forward(x, w, b)
-        s = divide(relevance, z, self.epsilon, scale=factor)
-        del z
+        z_branch = layer.forward(x, w, b)
+        s = divide(relevance, z_branch, self.epsilon, scale=factor)
+        del z_branch
         return layer.vjp(s, w, x)
 
     def _signed(self, layer, relevance, x, weight, bias):
-        xp, xn = _split(x)
-        wp, wn = positive(weight), negative(weight)
-        # alpha [x+ g(s_p; W+) + x- g(s_p; W-)], s_p = R / stab(W+ x+ + W- x- + b+)
-        out = self._signed_branch(layer, relevance, xp, xn, wp, wn, positive(bias), self.alpha)
+        x_pos, x_neg = _split(x)
+        w_pos, w_neg = positive(weight), negative(weight)
+        # alpha [x+ g(s+; W+) + x- g(s+; W-)], z+ = W+ x+ + W- x- + b+
+        out = self._signed_branch(layer, relevance, x_pos, x_neg, w_pos, w_neg, positive(bias), self.alpha)
         if self.beta == 0:
             return out
-        # - beta [x+ g(s_n; W-) + x- g(s_n; W+)], s_n = R / stab(W- x+ + W+ x- + b-)
-        return out.sub_(self._signed_branch(layer, relevance, xp, xn, wn, wp, negative(bias), self.beta))
+        # - beta [x+ g(s-; W-) + x- g(s-; W+)], z- = W- x+ + W+ x- + b-
+        return out.sub_(self._signed_branch(layer, relevance, x_pos, x_neg, w_neg, w_pos, negative(bias), self.beta))
 
-    def _signed_branch(self, layer, relevance, xp, xn, w1, w2, b, factor):
+    def _signed_branch(self, layer, relevance, x_pos, x_neg, w1, w2, b, factor):
         """``factor [x+ g(s; w1) + x- g(s; w2)]`` with ``s = R / stab(w1 x+ + w2 x- + b)``."""
-        z = layer.forward(xp, w1, b).add_(layer.forward(xn, w2, None))
-        s = divide(relevance, z, self.epsilon, scale=factor)
-        del z
-        return layer.vjp(s, w1, xp).mul_(xp).add_(layer.vjp(s, w2, xn).mul_(xn))
+        z_branch = layer.forward(x_pos, w1, b).add_(layer.forward(x_neg, w2, None))
+        s = divide(relevance, z_branch, self.epsilon, scale=factor)
+        del z_branch
+        return layer.vjp(s, w1, x_pos).mul_(x_pos).add_(layer.vjp(s, w2, x_neg).mul_(x_neg))
 
 
 class ZPlus(AlphaBeta):
@@ -173,9 +176,23 @@ class Gamma(Rule):
         s_p = [z > 0]\, R / \mathrm{stab}(z_p), \quad s_n = [z < 0]\, R / \mathrm{stab}(z_n),\\
         R_j = x^+_j\,[g(s_p; P) + g(s_n; N)] + x^-_j\,[g(s_p; N) + g(s_n; P)].
 
-    Computed with ``u = W^+ x^+ + W^- x^-`` only: :math:`z_p = z + \gamma (u + b^+)`,
-    :math:`z_n = z + \gamma (z - b - u + b^-)`; one extra forward and two VJPs when
-    ``x >= 0``.
+    How it is computed, with one extra forward :math:`v = W^+ x^+ + W^- x^- + b^+`:
+
+    * :math:`z_p = z + \gamma v` and :math:`z_n = z + \gamma (z - v)` (as :math:`b - b^- = b^+`);
+      only the one matching the sign of :math:`z` is used, so one denominator
+      :math:`z_\gamma = z + \gamma\,(\mathrm{sign}(z)\, v + \min(z, 0))` serves both and
+      :math:`s_\Delta = s_p - s_n = \mathrm{sign}(z)\, R / \mathrm{stab}(z_\gamma)`;
+    * with :math:`g^+ = g(s_\Delta; W^+)`, :math:`s_p + (1 + \gamma) s_n =
+      s_\Delta ((1 + \gamma/2)\,\mathrm{sign}(z) - \gamma/2)` and
+      :math:`(1 + \gamma) s_p + s_n = s_\Delta ((1 + \gamma/2)\,\mathrm{sign}(z) + \gamma/2)`:
+
+    .. math::
+        x \ge 0:\quad R = x\,[g(s_p + (1 + \gamma) s_n; W) + \gamma g^+],\\
+        \text{signed}:\quad R = x^+ g(s_p + (1 + \gamma) s_n; W) + x^- g((1 + \gamma) s_p + s_n; W)
+            + \gamma\,|x|\, g^+.
+
+    After a fused ReLU on :math:`x \ge 0`, :math:`s_n = 0` and the classic form remains:
+    :math:`R = x\, g(s_p; P)`, one forward and one VJP with :math:`P`.
     """
 
     fusable = True
@@ -183,53 +200,56 @@ class Gamma(Rule):
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
         self.gamma = _check_nonnegative("gamma", gamma)
         self.epsilon = _check_nonnegative("epsilon", epsilon)
-        self._freeze()
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        if is_nonnegative(input, layer):
+            return self._nonnegative(layer, relevance, input, weight, bias, output)
+        return self._signed(layer, relevance, input, weight, bias, output)
 
     def relevance_after_relu(self, layer, relevance, input, weight, bias, output):
         if not is_nonnegative(input, layer):
             # relu(z) has sign 0 where z <= 0, and the rule scales every term by sign(z)
-            return self.relevance(layer, relevance, input, weight, bias, output)
-        # x >= 0 and only units with z > 0 pass relevance: s_n = 0 and R_j = x_j g(s_p; P), the
-        # classic form: one forward and one VJP with P = W + gamma W+ (z_p >= z > 0 there; the
-        # clamp only undoes rounding)
+            return self._signed(layer, relevance, input, weight, bias, output)
+        # x >= 0 and only units with z > 0 pass relevance: s_n = 0 and R = x g(s_p; P) with
+        # z_p >= z > 0 there (the clamp only undoes rounding)
         g = self.gamma
         p = torch.add(weight, positive(weight), alpha=g)
-        zp = layer.forward(input, p, None if bias is None else torch.add(bias, positive(bias), alpha=g))
-        s = zp.clamp_(min=0).add_(self.epsilon)
-        s = relu_mask_(torch.div(relevance, s, out=s), output)
-        return layer.vjp(s, p, input).mul_(input)
+        z_p = layer.forward(input, p, None if bias is None else torch.add(bias, positive(bias), alpha=g))
+        s_p = z_p.clamp_(min=0).add_(self.epsilon)
+        s_p = relu_mask_(torch.div(relevance, s_p, out=s_p), output)
+        return layer.vjp(s_p, p, input).mul_(input)
 
-    def relevance(self, layer, relevance, input, weight, bias, output):
-        x, z, g = input, output, self.gamma
-        wp, bp = positive(weight), positive(bias)
-        nonneg = is_nonnegative(x, layer)
-        if nonneg:
-            v = layer.forward(x, wp, bp)
-        else:
-            v = layer.forward(x.abs(), wp, bp).add_(layer.forward(x.clamp(max=0), weight, None))
-        # z_p = z + g v and z_n = z + g (z - v) with v = W+ x+ + W- x- + b+ (as b - b- = b+);
-        # only one of them is used per output (by the sign of z), so one denominator serves
-        # both: zz = z + g (sign(z) v + min(z, 0)), s = R / stab(zz), s_p = [z > 0] s,
-        # s_n = [z < 0] s
-        sign = torch.sign(z)
-        zz = z.clamp(max=0).addcmul_(sign, v)
+    def _nonnegative(self, layer, relevance, x, weight, bias, z):
+        g, w_pos = self.gamma, positive(weight)
+        s_delta, sign = self._quotient(relevance, z, layer.forward(x, w_pos, positive(bias)))
+        g_plus = layer.vjp(s_delta, w_pos, x)
+        s_mix = torch.mul(s_delta, -g / 2).addcmul_(sign, s_delta, value=1 + g / 2)  # s_p + (1 + g) s_n
+        del s_delta, sign
+        return layer.vjp(s_mix, weight, x).add_(g_plus, alpha=g).mul_(x)
+
+    def _signed(self, layer, relevance, x, weight, bias, z):
+        g, w_pos = self.gamma, positive(weight)
+        v = layer.forward(x.abs(), w_pos, positive(bias)).add_(layer.forward(x.clamp(max=0), weight, None))
+        s_delta, sign = self._quotient(relevance, z, v)
         del v
-        zz = torch.add(z, zz, alpha=g, out=zz)
-        a = divide(relevance, zz, self.epsilon).mul_(sign)  # s_p - s_n
-        if self.epsilon == 0:  # 0/0 where zz = z = 0 (every dead unit after a fused ReLU)
-            a.masked_fill_(sign == 0, 0.0)
-        del zz
-        d = layer.vjp(a, wp, x)
-        # s_p + (1 + g) s_n = a ((1 + g/2) sign - g/2), (1 + g) s_p + s_n = a ((1 + g/2) sign + g/2)
-        if nonneg:  # x [g(s_p + (1 + g) s_n; W) + g d]
-            c = torch.mul(a, -g / 2).addcmul_(sign, a, value=1 + g / 2)
-            del a, sign
-            return layer.vjp(c, weight, x).add_(d, alpha=g).mul_(x)
-        stacked = torch.cat([torch.mul(a, -g / 2), torch.mul(a, g / 2)])
-        stacked.view((2,) + a.shape).addcmul_(sign, a, value=1 + g / 2)  # each half, broadcast
-        del a, sign
-        p, n = layer.vjp(stacked, weight, _twice(x)).chunk(2)
-        return x.clamp(min=0) * p + x.clamp(max=0) * n + g * x.abs() * d
+        g_plus = layer.vjp(s_delta, w_pos, x)
+        # [s_p + (1 + g) s_n; (1 + g) s_p + s_n], both halves through one VJP
+        s_mixes = torch.cat([torch.mul(s_delta, -g / 2), torch.mul(s_delta, g / 2)])
+        s_mixes.view((2,) + s_delta.shape).addcmul_(sign, s_delta, value=1 + g / 2)  # each half, broadcast
+        del s_delta, sign
+        g_pos_input, g_neg_input = layer.vjp(s_mixes, weight, _twice(x)).chunk(2)
+        return x.clamp(min=0) * g_pos_input + x.clamp(max=0) * g_neg_input + g * x.abs() * g_plus
+
+    def _quotient(self, relevance: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``(s_delta, sign(z))``: ``s_delta = s_p - s_n = sign(z) R / stab(z_gamma)``; frees ``v``."""
+        sign = torch.sign(z)
+        z_gamma = z.clamp(max=0).addcmul_(sign, v)
+        del v
+        z_gamma = torch.add(z, z_gamma, alpha=self.gamma, out=z_gamma)
+        s_delta = divide(relevance, z_gamma, self.epsilon).mul_(sign)
+        if self.epsilon == 0:  # 0/0 where z_gamma = z = 0 (every dead unit after a fused ReLU)
+            s_delta.masked_fill_(sign == 0, 0.0)
+        return s_delta, sign
 
 
 class ZBox(Rule):
@@ -261,7 +281,6 @@ class ZBox(Rule):
         self.low = low if isinstance(low, Tensor) else float(low)
         self.high = high if isinstance(high, Tensor) else float(high)
         self.epsilon = _check_nonnegative("epsilon", epsilon)
-        self._freeze()
 
     def padded(self, pad: list[int], mode: str) -> "ZBox":
         """This rule for the padded input of a layer that pads before it applies (a Conv with
@@ -324,7 +343,6 @@ class Flat(Rule):
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = _check_nonnegative("epsilon", epsilon)
-        self._freeze()
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         ones_w = torch.ones_like(weight)
@@ -344,7 +362,6 @@ class WSquare(Rule):
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = _check_nonnegative("epsilon", epsilon)
-        self._freeze()
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         w2 = weight * weight
