@@ -7,7 +7,6 @@ ground-truth object masks (relevance mass and rank accuracy), and writes figures
 """
 from __future__ import annotations
 
-import inspect
 import json
 import platform
 import time
@@ -19,70 +18,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__, composites
+from . import __version__
 from . import datasets as ds
 from . import image
-from .convert import convert
 from .eval import pixel_flipping, relevance_mass_accuracy, relevance_rank_accuracy
 from .eval.result import FlippingResult
 from .eval.scores import mean_std
-from .explain import explain
+from .methods import attributor, explain_batches
+from .report import markdown_table, pm, save_curves, save_schedule
 
-__all__ = ["gradient", "gradient_x_input", "BASELINES", "DEMO_METHODS", "method_names", "attributor",
-           "DemoOptions", "run_demo", "markdown_tables", "save_curves", "save_schedule"]
+__all__ = ["DEMO_METHODS", "DemoOptions", "run_demo", "markdown_tables"]
 
-Attributor = Callable[[Tensor, Tensor], Tensor]
-
-
-def gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """Gradient of the target logit with respect to the input (sensitivity), shape of ``x``."""
-    inp = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        score = model(inp).gather(1, target.view(-1, 1)).sum()
-        (grad,) = torch.autograd.grad(score, inp)
-    return grad
-
-
-def gradient_x_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """Gradient × input, shape of ``x``."""
-    return gradient(model, x, target) * x.detach()
-
-
-#: attribution baselines next to the LRP presets, ``{name: function(model, x, target)}``
-BASELINES: dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {
-    "gradient": gradient,
-    "gradient_x_input": gradient_x_input,
-}
 #: methods the demo compares
 DEMO_METHODS = ("epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1", "gradient", "gradient_x_input")
-
-
-def method_names() -> list[str]:
-    """Names :func:`attributor` accepts: the LRP presets, then the baselines."""
-    return [*composites.presets(), *BASELINES]
-
-
-def attributor(model: nn.Module, method: str, *, low: Tensor | float, high: Tensor | float) -> Attributor:
-    """A function ``(x, target) -> relevance`` for an LRP preset or a baseline.
-
-    Parameters
-    ----------
-    model
-        The classifier (not modified; LRP works on a converted copy).
-    method
-        A name from :func:`method_names`.
-    low, high
-        ZBox bounds of the input, for the presets that take them.
-    """
-    if method in BASELINES:
-        baseline = BASELINES[method]
-        return lambda x, target: baseline(model, x, target)
-    if method not in composites.presets():
-        raise ValueError(f"unknown method '{method}'; valid: {', '.join(method_names())}")
-    preset = composites.presets()[method]
-    kwargs = {"low": low, "high": high} if "low" in inspect.signature(preset).parameters else {}
-    lrp_model = convert(model, preset(**kwargs))
-    return lambda x, target: explain(lrp_model, x, target).relevance
 
 
 @dataclass
@@ -185,7 +133,7 @@ def _evaluate(model: nn.Module, name: str, info: dict, data: ds.Shapes, options:
     for method in options.methods:
         bar.set_postfix_str(method)
         explainer = attributor(model, method, low=low, high=high)
-        relevances[method] = torch.cat([explainer(xb, tb) for xb, tb in zip(x.split(32), target.split(32))])
+        relevances[method] = explain_batches(explainer, x, target, 32)
         bar.update()
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(options.seed)).to(device)
     ground_truth = {m: _ground_truth(r, masks) for m, r in {**relevances, "random": noise}.items()}
@@ -258,30 +206,19 @@ def markdown_tables(summary: dict) -> str:
     for name, model in summary["models"].items():
         acc = model["accuracy"]
         lines += [f"## {name} (test accuracy {acc:.1%}, {model['accuracy_on_demo_images']:.1%} on these images)", ""]
-        lines += _table(["method", "RMA ↑", "RRA ↑"], [
-            [m, _pm(v["ground_truth"]["rma"]), _pm(v["ground_truth"]["rra"])] for m, v in model["methods"].items()])
+        lines += markdown_table(["method", "RMA ↑", "RRA ↑"], [
+            [m, pm(v["ground_truth"]["rma"]), pm(v["ground_truth"]["rra"])] for m, v in model["methods"].items()])
         for fill in summary["settings"]["fills"]:
             rows = []
             for method, values in model["methods"].items():
                 scores = values["pixel_flipping"][fill]
                 if method == "random":
-                    rows.append(["random order", _pm(scores["auc_random"]), "", _pm(scores["aopc_random"]), "", ""])
+                    rows.append(["random order", pm(scores["auc_random"]), "", pm(scores["aopc_random"]), "", ""])
                 else:
-                    rows.append([method, *(_pm(scores[key]) for key, _ in _COLUMNS)])
+                    rows.append([method, *(pm(scores[key]) for key, _ in _COLUMNS)])
             lines += [f"Pixel flipping, {fill} fill:", ""]
-            lines += _table(["method", *(title for _, title in _COLUMNS)], rows)
+            lines += markdown_table(["method", *(title for _, title in _COLUMNS)], rows)
     return "\n".join(lines)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return [fmt.format(*header), rule, *(fmt.format(*row) for row in rows), ""]
-
-
-def _pm(stat: dict[str, float]) -> str:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 def _write(runs: dict[str, _ModelRun], data: ds.Shapes, summary: dict, options: DemoOptions) -> list[Path]:
@@ -314,69 +251,6 @@ def _write_curves(runs: dict[str, _ModelRun], options: DemoOptions) -> list[Path
     some = next(iter(next(iter(runs.values())).flipping.values()))["random"]
     return [save_curves(panels, options.out / "curves.png", columns=len(options.fills)),
             save_schedule(some, options.out / "schedule.png")]
-
-
-def save_curves(panels: dict[str, dict[str, tuple[FlippingResult, str]]], path: Path, *, columns: int = 1,
-                ylabel: str = "target logit") -> Path:
-    """Save mean perturbation curves, one panel per ``{title: {label: (result, order)}}`` entry.
-
-    The legend gives each curve's AUC (mean ± std over the samples). Uses matplotlib
-    (:mod:`lrpx.plot`) when it is installed, else plain Pillow charts.
-    """
-    try:
-        import matplotlib  # noqa: F401  (the optional "plot" extra)
-    except ImportError:
-        return _save_curves_pillow(panels, path, columns, ylabel)
-    from matplotlib.figure import Figure
-
-    from .plot import plot_curves
-
-    rows = -(-len(panels) // columns)
-    fig = Figure(figsize=(6.4 * columns, 4.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, (title, curves) in zip(axes, panels.items()):
-        for label, (result, order) in curves.items():
-            plot_curves({label: result}, orders=(order,), band=False, ax=ax)
-        ax.legend(fontsize="small")
-        ax.set_title(title, fontsize="medium")
-        ax.set_ylabel(ylabel)
-    for ax in axes[len(panels):]:
-        ax.set_axis_off()
-    fig.savefig(path, dpi=72)
-    return Path(path)
-
-
-def _save_curves_pillow(panels, path: Path, columns: int, ylabel: str) -> Path:
-    from PIL import Image
-
-    charts = []
-    for title, curves in panels.items():
-        series = {}
-        for label, (result, order) in curves.items():
-            auc, _ = mean_std(result.auc(order))
-            series[f"{label} {order}: AUC {auc:.2f}".strip()] = (result.fractions.tolist(),
-                                                                  result.curve(order).mean(0).tolist())
-        charts.append(image.line_chart(series, title=title, xlabel="share of regions removed", ylabel=ylabel))
-    width, height = charts[0].size
-    rows = -(-len(charts) // columns)
-    sheet = Image.new("RGB", (width * columns, height * rows), "white")
-    for k, chart in enumerate(charts):
-        sheet.paste(chart, ((k % columns) * width, (k // columns) * height))
-    return image.save_png(sheet, path)
-
-
-def save_schedule(result: FlippingResult, path: Path) -> Path:
-    """Save the bar chart of regions removed per step (matplotlib if installed, else Pillow)."""
-    try:
-        from .plot import plot_schedule
-
-        plot_schedule(result).savefig(path, dpi=72)
-        return Path(path)
-    except ImportError:
-        title = f"{result.num_regions} regions of {result.patch_size}x{result.patch_size}"
-        chart = image.bar_chart(result.removed_per_step.tolist(), title=title, xlabel="step",
-                                ylabel="regions removed in the step")
-        return image.save_png(chart, path)
 
 
 def _summary_markdown(summary: dict) -> str:

@@ -17,7 +17,8 @@ from PIL import Image
 
 from lrpx import datasets as ds
 from lrpx.cli import main
-from lrpx.demo import DEMO_METHODS, DemoOptions, attributor, run_demo
+from lrpx.demo import DEMO_METHODS, DemoOptions, run_demo
+from lrpx.methods import attributor
 from lrpx.eval import pixel_flipping, relevance_mass_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: a second thread only waits
