@@ -140,6 +140,10 @@ def _stream(model, plan: Perturbation, targets: Tensor | None, score_fn, batch_s
         part = slice(start, start + batch_size)
         inputs, _ = plan(order[part], sample[part], step[part])
         output = model(inputs)
+        if not isinstance(output, Tensor):
+            raise TypeError(f"the model returned {type(output).__name__}; pixel_flipping needs a tensor of "
+                            "shape (N, classes): pass a function that returns the logits, e.g. "
+                            "lambda x: model(x)[0]")
         if targets is None:
             clean = step[part] == 0
             known[sample[part][clean]] = output[clean].argmax(dim=1)

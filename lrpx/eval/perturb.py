@@ -127,6 +127,8 @@ def _check_images(x: Tensor, relevance: Tensor, patch_size: int,
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point (B, C, H, W) tensor, got {_describe(x)}")
     batch, channels, height, width = x.shape
+    if batch == 0:
+        raise ValueError(f"x is an empty batch {tuple(x.shape)}: there is nothing to perturb")
     allowed = [(batch, channels, height, width), (batch, 1, height, width), (batch, height, width)]
     if not isinstance(relevance, Tensor) or tuple(relevance.shape) not in allowed:
         raise ValueError(

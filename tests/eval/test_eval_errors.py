@@ -75,6 +75,16 @@ def test_model_output_must_be_two_dimensional(setup):
         pixel_flipping(lambda t: t.sum((1, 2, 3)), x, relevance, steps=2, target=0)
 
 
+def test_empty_batch_and_non_tensor_output_are_named(setup):
+    model, x, relevance = setup
+    with pytest.raises(ValueError, match=r"x is an empty batch \(0, 3, 6, 5\)"):
+        pixel_flipping(model, x[:0], relevance[:0], steps=2)
+    with pytest.raises(TypeError, match=r"the model returned tuple; pixel_flipping needs a tensor"):
+        pixel_flipping(lambda t: (model(t), None), x, relevance, steps=2)
+    with pytest.raises(TypeError, match=r"the model returned dict"):
+        pixel_flipping(lambda t: {"out": model(t)}, x, relevance, steps=2, target=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_generator_on_another_device(setup):
     model, x, relevance = setup
