@@ -2,7 +2,7 @@
 
 Nothing here imports ``lrpx``. Every layer is turned into an explicit dense
 matrix, ``z = A x + b`` for one sample (``x`` flattened), and every rule of
-``RULES.md`` is written on the contribution matrix ``C[k, j]`` (what input
+``docs/rules.md`` is written on the contribution matrix ``C[k, j]`` (what input
 ``j`` contributes to output ``k``):
 
     R_in[j] = sum_k C[k, j] * R[k] / stab(den[k], e)

@@ -50,7 +50,7 @@ def targets_of(model, x):
 
 
 def relevance(lrp_model, x, target):
-    """DESIGN.md §1: autograd through the converted model carries relevance."""
+    """The relevance convention: autograd through the converted model carries relevance."""
     x = x.detach().clone().requires_grad_()
     out = lrp_model(x)
     r_out = out * F.one_hot(target, out.shape[1]).to(out.dtype)

@@ -2,8 +2,8 @@
 
 Each test builds one torch layer in float64, asks ``lrpx.layers.twin`` for its
 LRP twin, propagates a random relevance ``R`` through the twin with autograd
-(the convention of DESIGN.md §1) and compares with the oracle, which implements
-RULES.md on an explicit matrix form of the layer.  The oracle's matrix is
+(the relevance convention: the gradient of the converted model is the relevance) and
+compares with the oracle, which implements docs/rules.md on an explicit matrix form of the layer.  The oracle's matrix is
 checked against the torch module's own forward first, so a wrong oracle fails
 loudly instead of agreeing with a wrong library.
 """
