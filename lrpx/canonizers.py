@@ -42,7 +42,8 @@ def fold_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.
         raise TypeError(f"cannot fold {type(bn).__name__} into {type(layer).__name__}")
     with torch.no_grad():
         scale, shift = batchnorm_affine(bn)  # refuses a BatchNorm without running statistics
-        folded = copy.deepcopy(layer)
+        # a copy that shares the parameters until they are replaced (no copy of the weight)
+        folded = copy.deepcopy(layer, memo={id(p): p for p in layer.parameters(recurse=False)})
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         folded.weight = nn.Parameter(layer.weight * scale.view(shape), layer.weight.requires_grad)
         bias = shift if layer.bias is None else layer.bias * scale + shift
@@ -97,13 +98,15 @@ def canonize(model: nn.Module, *, trace: bool = True,
     replaced whole, so their forward code is not traced (``nn.MultiheadAttention``).
     Refuses training mode (BatchNorm folding needs running statistics).
     """
-    return canonize_graph(model, registry(twins), trace=trace)[0]
+    model, graph = canonize_graph(model, registry(twins), trace=trace)
+    return graph.materialize(model)
 
 
 def canonize_graph(model: nn.Module, twins: dict[type[nn.Module], type[nn.Module] | None], *,
                    trace: bool = True) -> tuple[nn.Module, ModelGraph]:
-    """:func:`canonize` with the merged registry ``twins``; also returns the model graph
-    (each module traced once) for the passes that follow."""
+    """:func:`canonize` with the merged registry ``twins``, before the edited forwards are
+    materialised: returns ``model`` (modified in place) and its model graph (each module traced
+    once) for the passes that follow; ``graph.materialize(model)`` gives the canonized root."""
     if any(m.training for m in model.modules()):
         raise ValueError("canonize needs an eval-mode model: call model.eval() first "
                          "(lrpx.convert does this on its copy)")
@@ -111,4 +114,5 @@ def canonize_graph(model: nn.Module, twins: dict[type[nn.Module], type[nn.Module
     whole = tuple(cls for cls, twin in twins.items() if twin is not None)
     graph = ModelGraph.build(model, trace=trace, whole=whole)
     fold_batchnorms(model, graph)
-    return rewrite_functional(model, graph), graph
+    rewrite_functional(model, graph)
+    return model, graph

@@ -10,7 +10,8 @@ The conversion is a fixed sequence of passes over one model graph
 4. check the parameters of modules without a twin (used only where relevance is absorbed);
 5. ask the composite for a rule per layer and swap each layer for its twin;
 6. fuse ReLUs into the layers before them (:mod:`lrpx.fusion`);
-7. mark the twins whose inputs are ``>= 0`` by construction (:mod:`lrpx.signs`).
+7. materialise the edited forwards as ``torch.fx.GraphModule`` objects;
+8. mark the twins whose inputs are ``>= 0`` by construction (:mod:`lrpx.signs`).
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def convert(
     _swap(target, table, twins)
     if fuse:
         fuse_relus(target, graph)
+    target = graph.materialize(target)
     mark_nonnegative_inputs(target, graph)
     return target.eval()
 

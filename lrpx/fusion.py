@@ -25,16 +25,15 @@ def fuse_relus(model: nn.Module, graph: ModelGraph) -> None:
     output only a ReLU reads do so, in place on a converted ``model``.
 
     Only where the layer and the ReLU are called from the forward of an ``nn.Sequential`` (the
-    ReLU becomes :class:`lrpx.layers.FusedReLU`) or of a rewritten ``GraphModule`` (the ReLU's
-    call leaves the graph), the layer is called once and is not shared, and neither holds
-    hooks the user registered.
+    ReLU becomes :class:`lrpx.layers.FusedReLU`) or of a module whose graph was rewritten (the
+    ReLU's call leaves the graph, before it is materialised), the layer is called once and is
+    not shared, and neither holds hooks the user registered.
     """
     calls = graph.calls()
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    edited = []
     for owner, g in graph.items():
         parent = model.get_submodule(owner) if owner else model
-        in_graph = isinstance(parent, fx.GraphModule)
+        in_graph = owner in graph.changed
         if not (in_graph or type(parent) is nn.Sequential) or (owner and not calls[owner]):
             continue  # a forward that never runs as traced (its parent calls its children itself)
         for node in list(g.nodes):
@@ -51,13 +50,10 @@ def fuse_relus(model: nn.Module, graph: ModelGraph) -> None:
             if in_graph:
                 relu.replace_all_uses_with(relu.args[0])
                 g.erase_node(relu)
-                edited.append(parent)
             else:
                 module = parent._modules[relu.target]
                 parent._modules[relu.target] = FusedReLU.from_module(module, module.rule)
             layer.fused_relu = True
-    for parent in dict.fromkeys(edited):
-        parent.recompile()
 
 
 def _only_relu_reader(parent: nn.Module, node: fx.Node) -> fx.Node | None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
+from .layers import copy_hooks
+
 __all__ = ["ModelGraph", "TraceError", "trace_children_as_leaves", "chain_graph", "join"]
 
 
@@ -101,6 +103,24 @@ class ModelGraph:
     def items(self):
         """``(name, graph)`` pairs, parents before their children."""
         return self.graphs.items()
+
+    def materialize(self, model: nn.Module) -> nn.Module:
+        """Turn each ``changed`` module of ``model`` into a ``torch.fx.GraphModule`` that runs its
+        edited graph, with the same children and the hooks the user registered on the module.
+        Returns the root: ``model``, or its GraphModule if the root's own forward changed."""
+        # deepest first, so a parent's GraphModule picks up its rewritten children
+        for name in sorted(self.changed, key=lambda n: -n.count(".") - bool(n)):
+            module = model.get_submodule(name) if name else model
+            graph = self.graphs[name]
+            graph.lint()
+            gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+            gm.training = module.training
+            copy_hooks(module, gm)
+            if not name:
+                return gm
+            parent, _, field = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, field, gm)
+        return model
 
 
 def _trace(module: nn.Module, name: str) -> fx.Graph:

@@ -4,9 +4,8 @@ Tensor additions (ResNet's ``out += identity``) become :class:`lrpx.layers.Add`,
 :class:`lrpx.layers.Product`, ``F.relu``/``torch.sigmoid``/... activation layers,
 ``F.avg_pool2d``/``F.adaptive_avg_pool2d`` pooling layers, ``x.mean(dims)``
 :class:`lrpx.layers.Mean` and ``F.softmax`` ``nn.Softmax``; in-place calls become out-of-place.
-:func:`rewrite_functional` edits the graphs of a :class:`lrpx.graph.ModelGraph` and turns each
-module whose forward changed into a ``torch.fx.GraphModule`` with the same children (and the
-hooks the user registered on it).
+:func:`rewrite_functional` edits the graphs of a :class:`lrpx.graph.ModelGraph`; the modules
+whose forward changed become ``torch.fx.GraphModule`` objects when the graph is materialised.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ModelGraph
-from .layers import Add, Mean, Product, copy_hooks
+from .layers import Add, Mean, Product
 
 __all__ = ["rewrite_functional", "RESHAPES", "tags"]
 
@@ -49,27 +48,15 @@ _METHODS: dict = {"relu": (nn.ReLU, ()), "sigmoid": (nn.Sigmoid, ()), "tanh": (n
                   "softmax": (nn.Softmax, ("dim", "dtype")), "mean": (Mean, ("dim", "keepdim", "dtype"))}
 
 
-def rewrite_functional(model: nn.Module, graph: ModelGraph) -> nn.Module:
+def rewrite_functional(model: nn.Module, graph: ModelGraph) -> None:
     """Rewrite the functional operations in the forward code of every traced module of
-    ``model`` (in place) into layers. Returns the root: ``model``, or a new GraphModule if the
-    root's own forward changed."""
+    ``model`` into layers: the graphs are edited, the new layers become children of their
+    modules (in place), and the edited modules are marked ``changed`` (see
+    :meth:`lrpx.graph.ModelGraph.materialize`)."""
     for name, g in graph.items():
         module = model.get_submodule(name) if name else model
         if _rewrite_graph(module, g):
             graph.changed.add(name)
-    # deepest first, so a parent's GraphModule picks up its rewritten children
-    for name in sorted(graph.changed, key=lambda n: -n.count(".") - bool(n)):
-        module = model.get_submodule(name) if name else model
-        g = graph.graphs[name]
-        g.lint()
-        gm = fx.GraphModule(module, g, class_name=type(module).__name__)
-        gm.training = module.training
-        copy_hooks(module, gm)
-        if not name:
-            return gm
-        parent, _, field = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, field, gm)
-    return model
 
 
 def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
