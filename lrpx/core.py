@@ -32,8 +32,13 @@ class LRPFunction(torch.autograd.Function):
         if relu:
             output = fused_relu(output)
         names = rule.saves_for(layer)
-        tensors = {"weight": (weight,), "bias": (bias,), "output": (output,), "input": inputs}
-        ctx.save_for_backward(*(t for name in names for t in tensors[name]))
+        saved: list = []
+        for name in names:
+            if name == "input":
+                saved.extend(inputs)
+            else:
+                saved.append(weight if name == "weight" else bias if name == "bias" else output)
+        ctx.save_for_backward(*saved)
         ctx.names, ctx.count = names, len(inputs)
         ctx.layer, ctx.rule, ctx.relu = layer, rule, relu
         return output
@@ -41,12 +46,15 @@ class LRPFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, relevance: Tensor):
-        saved = dict.fromkeys(("input", "weight", "bias", "output"))
-        values = iter(ctx.saved_tensors)
+        saved = {"input": None, "weight": None, "bias": None, "output": None}
+        values, count, at = ctx.saved_tensors, ctx.count, 0
         for name in ctx.names:
-            saved[name] = tuple(next(values) for _ in range(ctx.count)) if name == "input" else next(values)
-        if saved["input"] is not None and ctx.count == 1:
-            saved["input"] = saved["input"][0]
+            if name == "input":
+                saved[name] = values[at] if count == 1 else values[at:at + count]
+                at += count
+            else:
+                saved[name] = values[at]
+                at += 1
         rule = ctx.rule.relevance_after_relu if ctx.relu else ctx.rule.relevance
         relevance_in = rule(ctx.layer, relevance, **saved)
         if ctx.count == 1:
