@@ -152,7 +152,8 @@ def _check_parameters(model: nn.Module, twins: dict, graph: ModelGraph) -> None:
     for name, module in model.named_modules():
         if type(module) in twins or type(module) in _CONTAINERS or isinstance(module, Twin):
             continue
-        if any(True for _ in module.parameters(recurse=False)) and not _parameters_absorb(module, graph.graphs.get(name)):
+        owns_parameters = any(True for _ in module.parameters(recurse=False))
+        if owns_parameters and not _parameters_absorb(module, graph.graphs.get(name)):
             bad.append((name, type(module)))
     if bad:
         raise UnsupportedModuleError(bad)

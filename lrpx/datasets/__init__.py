@@ -17,5 +17,5 @@ from .shapes import (CLASSES, MEAN, SPLIT_SEEDS, STD, Shapes, denormalize, make_
 from .training import TrainConfig, accuracy, cache_dir, load_model, num_threads, train_model
 
 __all__ = ["CLASSES", "MEAN", "STD", "SPLIT_SEEDS", "Shapes", "make_shapes", "shapes_split", "normalize", "denormalize",
-           "zbox_bounds", "ShapesVGG", "ShapesResNet", "BasicBlock", "MODELS", "TrainConfig", "train_model", "load_model",
-           "cache_dir", "accuracy", "num_threads"]
+           "zbox_bounds", "ShapesVGG", "ShapesResNet", "BasicBlock", "MODELS", "TrainConfig", "train_model",
+           "load_model", "cache_dir", "accuracy", "num_threads"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Rule, divide
+from .base import Rule, divide, nonnegative_number
 
 __all__ = ["Taylor", "Uniform"]
 
@@ -53,10 +53,7 @@ class Uniform(Rule):
         return () if layer.kind == "product" else self.saves  # a product's split needs only shapes
 
     def __init__(self, epsilon: float = 1e-6) -> None:
-        epsilon = float(epsilon)
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be a number >= 0, got {epsilon}")
-        self.epsilon = epsilon
+        self.epsilon = nonnegative_number("epsilon", epsilon)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         if layer.kind == "product":

@@ -12,8 +12,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_", "positive",
-           "negative", "is_nonnegative"]
+__all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_",
+           "positive", "negative", "nonnegative_number", "is_nonnegative"]
 
 #: the kinds of layer, each with its primitives (``docs/rules.md``):
 #:
@@ -80,6 +80,14 @@ def relu_mask_(s: Tensor, output: Tensor) -> Tensor:
     """``s`` set to 0 in place where ``output <= 0`` (ReLU's backward kernel: one pass, no
     boolean mask in memory)."""
     return torch.ops.aten.threshold_backward.grad_input(s, output, 0, grad_input=s)
+
+
+def nonnegative_number(name: str, value: float) -> float:
+    """``value`` as a float, or a ValueError naming the hyper-parameter ``name`` if it is not ``>= 0``."""
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value}")
+    return value
 
 
 def positive(t: Tensor | None) -> Tensor | None:

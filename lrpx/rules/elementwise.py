@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Layer, Rule, divide, divide_after_relu
+from .base import Layer, Rule, divide, divide_after_relu, nonnegative_number
 
 __all__ = ["Pass", "Norm"]
 
@@ -47,10 +47,7 @@ class Norm(Rule):
     fusable = True  # residual sums (lrpx.layers.Add) may apply a following ReLU
 
     def __init__(self, epsilon: float = 1e-6) -> None:
-        epsilon = float(epsilon)
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be a number >= 0, got {epsilon}")
-        self.epsilon = epsilon
+        self.epsilon = nonnegative_number("epsilon", epsilon)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         if layer.kind == "normalization":

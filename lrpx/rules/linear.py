@@ -10,16 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Layer, Rule, divide, divide_after_relu, is_nonnegative, negative, positive, relu_mask_
+from .base import (Layer, Rule, divide, divide_after_relu, is_nonnegative, negative, nonnegative_number, positive,
+                   relu_mask_)
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
-
-
-def _check_nonnegative(name: str, value: float) -> float:
-    value = float(value)
-    if not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value}")
-    return value
 
 
 def _split(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,7 +49,7 @@ class Epsilon(Rule):
     """
 
     def __init__(self, epsilon: float = 1e-6, *, relative: bool = False) -> None:
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self.epsilon = nonnegative_number("epsilon", epsilon)
         self.relative = bool(relative)
 
     def _fields(self) -> dict[str, object]:
@@ -101,14 +95,14 @@ class AlphaBeta(Rule):
     fusable = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6) -> None:
-        alpha, beta = _check_nonnegative("alpha", alpha), _check_nonnegative("beta", beta)
+        alpha, beta = nonnegative_number("alpha", alpha), nonnegative_number("beta", beta)
         if abs(alpha - beta - 1.0) > 1e-12:
             raise ValueError(
                 f"AlphaBeta needs alpha - beta == 1 to conserve relevance, got alpha={alpha}, "
                 f"beta={beta}; e.g. AlphaBeta(2, 1) or AlphaBeta(1, 0)"
             )
         self.alpha, self.beta = alpha, beta
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self.epsilon = nonnegative_number("epsilon", epsilon)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         if is_nonnegative(input, layer):
@@ -198,8 +192,8 @@ class Gamma(Rule):
     fusable = True
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
-        self.gamma = _check_nonnegative("gamma", gamma)
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self.gamma = nonnegative_number("gamma", gamma)
+        self.epsilon = nonnegative_number("epsilon", epsilon)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         if is_nonnegative(input, layer):
@@ -280,7 +274,7 @@ class ZBox(Rule):
             raise ValueError("ZBox needs low <= high everywhere; got some low > high (swapped bounds?)")
         self.low = low if isinstance(low, Tensor) else float(low)
         self.high = high if isinstance(high, Tensor) else float(high)
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self.epsilon = nonnegative_number("epsilon", epsilon)
 
     def padded(self, pad: list[int], mode: str) -> "ZBox":
         """This rule for the padded input of a layer that pads before it applies (a Conv with
@@ -342,7 +336,7 @@ class Flat(Rule):
     saves = ("input", "weight")
 
     def __init__(self, epsilon: float = 1e-6) -> None:
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self.epsilon = nonnegative_number("epsilon", epsilon)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         ones_w = torch.ones_like(weight)
@@ -361,7 +355,7 @@ class WSquare(Rule):
     saves = ("input", "weight", "bias")
 
     def __init__(self, epsilon: float = 1e-6) -> None:
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
+        self.epsilon = nonnegative_number("epsilon", epsilon)
 
     def relevance(self, layer, relevance, input, weight, bias, output):
         w2 = weight * weight
