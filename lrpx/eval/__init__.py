@@ -1,4 +1,5 @@
-"""Perturbation-based faithfulness evaluation: pixel flipping, fills, AUC / AOPC / SRG.
+"""Faithfulness evaluation: pixel flipping, insertion and deletion, faithfulness correlation,
+randomization, sparseness, ground truth; fills; AUC / AOPC / SRG.
 
 >>> result = lrpx.eval.pixel_flipping(model, x, relevance, patch_size=8, schedule="quadratic",
 ...                                   order=("morf", "lrf"), fill="inpaint")
@@ -19,12 +20,23 @@ from .fills import (
 )
 from .ground_truth import relevance_mass_accuracy, relevance_rank_accuracy
 from .flipping import item_indices, number_of_calls, pixel_flipping
+from .metrics import deletion, faithfulness_correlation, insertion, pearson, sparseness
+from .randomization import RandomizationResult, randomization, spearman, ssim
 from .order import ORDERS, SCHEDULES, region_relevance, removal_order, schedule_counts
 from .perturb import perturbed_inputs
 from .result import FlippingResult
 from .scores import SCORES, aopc, auc, mean_std, unit_step_auc
 
 __all__ = [
+    "deletion",
+    "insertion",
+    "faithfulness_correlation",
+    "sparseness",
+    "randomization",
+    "RandomizationResult",
+    "pearson",
+    "spearman",
+    "ssim",
     "relevance_mass_accuracy",
     "relevance_rank_accuracy",
     "FILLS",

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .draws import rand
+
 
 class Fill:
     """Base class of fills; subclasses override :meth:`prepare` and/or :meth:`__call__`."""
@@ -53,7 +55,7 @@ class UniformNoise(Fill):
     static = True
 
     def prepare(self, x, *, low, high, generator):
-        draws = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        draws = rand(x.shape, generator, device=x.device, dtype=x.dtype)
         return low + (high - low) * draws
 
 
@@ -243,7 +245,7 @@ class Road(Fill):
         self.sigma, self.tol, self.max_iter = sigma, tol, max_iter
 
     def prepare(self, x, *, low, high, generator):
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return rand(x.shape, generator, device=x.device, dtype=x.dtype, normal=True)
 
     def __call__(self, x, mask, state, *, low, high):
         empty = mask.flatten(1).all(dim=1).view(-1, 1, 1, 1)

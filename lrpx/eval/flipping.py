@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .draws import Generators
 from .perturb import FillSpec, Normalizer, Perturbation, Schedule
 from .result import FlippingResult
 from .scores import as_score
@@ -38,7 +39,7 @@ def pixel_flipping(
     normalizer: Normalizer | None = None,
     pixel_range: tuple[float, float] | None = None,
     batch_size: int = 32,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
 ) -> FlippingResult:
     """Remove regions in relevance order and track the target score (pixel flipping).
@@ -85,7 +86,9 @@ def pixel_flipping(
     batch_size
         Items per model call.
     generator
-        Source of the random order, noise and ROAD noise (on ``x``'s device).
+        Source of the random order, noise and ROAD noise (on ``x``'s device): one
+        ``torch.Generator``, or one per sample so that a sample's draws do not depend on the
+        rest of the batch.
     progress
         Show a ``tqdm`` progress bar over the chunks.
 
@@ -95,21 +98,53 @@ def pixel_flipping(
         Curves ``(orders, B, T + 1)``, the step counts and fractions, the target, and the
         AUC / AOPC / SRG methods.
     """
+    return perturbation_curves(model, x, relevance, target, patch_size=patch_size, steps=steps,
+                               schedule=schedule, order=order, fill=fill, score=score, reduce=reduce,
+                               normalizer=normalizer, pixel_range=pixel_range, batch_size=batch_size,
+                               generator=generator, progress=progress)
+
+
+def perturbation_curves(model, x: Tensor, relevance: Tensor, target=None, *, mode: str = "delete",
+                        patch_size: int, steps: int | None, schedule: Schedule, order: str | Sequence[str],
+                        fill: FillSpec, score, reduce: str, normalizer: Normalizer | None,
+                        pixel_range: tuple[float, float] | None, batch_size: int,
+                        generator: Generators, progress: bool) -> FlippingResult:
+    """The engine of :func:`pixel_flipping` (``mode="delete"``) and of insertion
+    (``mode="insert"``: the first ``n_k`` regions of the order are kept, the rest filled); with
+    ``target=None`` insertion takes the argmax of the clean input, one extra forward."""
     score_name, score_fn = as_score(score)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    targets = _check_target(target, x)
-    _warn_if_training(model)
+    targets = check_target(target, x)
+    warn_if_training(model)
     plan = Perturbation(x, relevance, patch_size=patch_size, steps=steps, schedule=schedule,
                         orders=order, fill=fill, reduce=reduce, normalizer=normalizer,
-                        pixel_range=pixel_range, generator=generator)
+                        pixel_range=pixel_range, generator=generator, mode=mode)
     with torch.inference_mode():
+        if targets is None and mode == "insert":  # step 0 holds no pixel of the input
+            targets = clean_argmax(model, plan.x, batch_size)
         curves, targets = _stream(model, plan, targets, score_fn, batch_size, progress)
     return FlippingResult(
         curves=curves.clone(), counts=torch.tensor(plan.counts), num_regions=plan.num_regions,
         orders=plan.orders, target=targets.clone(), score=score_name, fill=repr(plan.fill),
-        patch_size=patch_size, ranks=plan.ranks.clone(), size=tuple(x.shape[-2:]),
+        patch_size=patch_size, ranks=plan.ranks.clone(), size=tuple(x.shape[-2:]), mode=mode,
     )
+
+
+def clean_argmax(model, x: Tensor, batch_size: int) -> Tensor:
+    """The class the model predicts for each clean input, in chunks of ``batch_size``."""
+    return torch.cat([model_output(model, chunk).argmax(1) for chunk in x.split(batch_size)])
+
+
+def model_output(model, inputs: Tensor) -> Tensor:
+    """``model(inputs)``, which must be a tensor of shape ``(N, classes)``."""
+    output = model(inputs)
+    if not isinstance(output, Tensor):
+        raise TypeError(f"the model returned {type(output).__name__}; lrpx.eval needs a tensor of shape "
+                        "(N, classes): pass a function that returns the logits, e.g. lambda x: model(x)[0]")
+    if output.dim() != 2:
+        raise ValueError(f"model output must be (N, classes), got shape {tuple(output.shape)}")
+    return output
 
 
 def item_indices(batch: int, orders: int, steps: int, device=None) -> tuple[Tensor, ...]:
@@ -139,15 +174,11 @@ def _stream(model, plan: Perturbation, targets: Tensor | None, score_fn, batch_s
     for start in tqdm(chunks, disable=not progress, desc="pixel flipping", unit="batch"):
         part = slice(start, start + batch_size)
         inputs, _ = plan(order[part], sample[part], step[part])
-        output = model(inputs)
-        if not isinstance(output, Tensor):
-            raise TypeError(f"the model returned {type(output).__name__}; pixel_flipping needs a tensor of "
-                            "shape (N, classes): pass a function that returns the logits, e.g. "
-                            "lambda x: model(x)[0]")
+        output = model_output(model, inputs)
         if targets is None:
             clean = step[part] == 0
             known[sample[part][clean]] = output[clean].argmax(dim=1)
-        _check_target_range(known, output)
+        check_target_range(known, output)
         scores[part] = score_fn(output, known[sample[part]]).double()
     curves = torch.empty(len(plan.orders), batch, len(plan.counts), dtype=torch.float64,
                          device=device)
@@ -156,7 +187,7 @@ def _stream(model, plan: Perturbation, targets: Tensor | None, score_fn, batch_s
     return curves, known
 
 
-def _check_target(target, x: Tensor) -> Tensor | None:
+def check_target(target, x: Tensor) -> Tensor | None:
     if target is None:
         return None
     batch = x.shape[0]
@@ -172,9 +203,7 @@ def _check_target(target, x: Tensor) -> Tensor | None:
     return target.clone()
 
 
-def _check_target_range(target: Tensor, output: Tensor) -> None:
-    if output.dim() != 2:
-        raise ValueError(f"model output must be (N, classes), got shape {tuple(output.shape)}")
+def check_target_range(target: Tensor, output: Tensor) -> None:
     if bool((target >= output.shape[1]).any()):
         raise ValueError(
             f"target out of range: the model has {output.shape[1]} classes, got "
@@ -182,13 +211,13 @@ def _check_target_range(target: Tensor, output: Tensor) -> None:
         )
 
 
-def _warn_if_training(model) -> None:
+def warn_if_training(model) -> None:
     if isinstance(model, torch.nn.Module) and model.training:
         warnings.warn(
             "model is in training mode: dropout and batch-norm statistics make the scores "
             "depend on the batch; call model.eval() first",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .draws import rand
+
 ORDERS = ("morf", "lrf", "random")
 SCHEDULES = ("linear", "quadratic", "log")
 REDUCTIONS = ("sum", "mean")
@@ -93,7 +95,7 @@ def removal_order(
     """
     flat = regions.flatten(1)
     if order == "random":
-        draws = torch.rand(flat.shape, generator=generator, device=flat.device)
+        draws = rand(flat.shape, generator, device=flat.device)
         return torch.argsort(draws, dim=1, stable=True)
     morf = torch.argsort(flat, dim=1, descending=True, stable=True)
     if order == "morf":

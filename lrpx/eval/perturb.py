@@ -8,6 +8,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .draws import check_generators
 from .fills import Fill, as_fill
 from .order import ORDERS, pixel_mask, region_relevance, removal_order, removal_rank
 from .order import schedule_counts
@@ -27,16 +28,21 @@ class Perturbation:
     Construction checks the arguments, draws the per-sample random state once (the fill's
     state first, then the random orders, both from ``generator``) and ranks the regions;
     calling it builds a chunk of items lazily. See :func:`perturbed_inputs` for the arguments.
+    ``mode="delete"`` replaces the first ``n_k`` regions of the order by the fill (pixel
+    flipping, deletion); ``mode="insert"`` keeps only them and fills the rest (insertion).
     """
 
     def __init__(self, x: Tensor, relevance: Tensor, *, patch_size: int, steps: int | None,
                  schedule: Schedule, orders: Sequence[str], fill: FillSpec, reduce: str,
                  normalizer: Normalizer | None, pixel_range: tuple[float, float] | None,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, mode: str = "delete"):
         _check_images(x, relevance, patch_size, generator)
+        if mode not in ("delete", "insert"):
+            raise ValueError(f"mode must be 'delete' or 'insert', got {mode!r}")
         self.orders = _check_orders(orders)
-        self.x, self.patch_size, self.fill = x.detach(), patch_size, as_fill(fill)
+        self.x, self.patch_size, self.fill, self.mode = x.detach(), patch_size, as_fill(fill), mode
         regions = region_relevance(relevance.detach().to(x.device), patch_size, reduce=reduce)
+        self.regions = regions
         self.num_regions = regions[0].numel()
         self.counts = schedule_counts(schedule, self.num_regions, steps)
         self._counts = torch.tensor(self.counts, device=x.device)
@@ -46,8 +52,15 @@ class Perturbation:
 
     def __call__(self, order: Tensor, sample: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
         """Perturbed inputs ``(N, C, H, W)`` and masks ``(N, 1, H, W)`` of index tensors."""
-        rank, count = self.ranks[order, sample], self._counts[step]
+        return self.build(sample, self.ranks[order, sample], self._counts[step])
+
+    def build(self, sample: Tensor, rank: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Perturbed inputs of the samples ``sample`` whose regions of ``rank`` below ``count``
+        are removed (``mode="delete"``) or kept (``"insert"``); the masks are ``True`` on the
+        pixels that hold the fill."""
         mask = pixel_mask(rank, count, patch_size=self.patch_size, size=tuple(self.x.shape[-2:]))
+        if self.mode == "insert":
+            mask = ~mask
         return torch.where(mask, self._values(sample, mask), self.x[sample]), mask
 
     def _prepare_fill(self, normalizer, pixel_range, generator) -> None:
@@ -142,8 +155,7 @@ def _check_images(x: Tensor, relevance: Tensor, patch_size: int,
             f"patch_size must be an int between 1 and min(H, W) = {min(height, width)}, "
             f"got {patch_size!r}"
         )
-    if generator is not None and generator.device.type != x.device.type:
-        raise ValueError(f"generator is on {generator.device}, but x is on {x.device}")
+    check_generators(generator, batch, x.device)
 
 
 def _check_orders(orders: str | Sequence[str]) -> tuple[str, ...]:

@@ -36,6 +36,9 @@ class FlippingResult:
         ``(orders, B, Gh, Gw)`` removal position of each region.
     size
         ``(H, W)`` of the inputs.
+    mode
+        ``"delete"`` (pixel flipping, deletion: ``counts`` regions removed) or ``"insert"``
+        (insertion: ``counts`` regions kept, the others filled).
     """
 
     curves: Tensor
@@ -48,6 +51,7 @@ class FlippingResult:
     patch_size: int
     ranks: Tensor
     size: tuple[int, int]
+    mode: str = "delete"
 
     @property
     def fractions(self) -> Tensor:

@@ -79,7 +79,7 @@ def test_empty_batch_and_non_tensor_output_are_named(setup):
     model, x, relevance = setup
     with pytest.raises(ValueError, match=r"x is an empty batch \(0, 3, 6, 5\)"):
         pixel_flipping(model, x[:0], relevance[:0], steps=2)
-    with pytest.raises(TypeError, match=r"the model returned tuple; pixel_flipping needs a tensor"):
+    with pytest.raises(TypeError, match=r"the model returned tuple; lrpx.eval needs a tensor of shape \(N, classes\)"):
         pixel_flipping(lambda t: (model(t), None), x, relevance, steps=2)
     with pytest.raises(TypeError, match=r"the model returned dict"):
         pixel_flipping(lambda t: {"out": model(t)}, x, relevance, steps=2, target=0)
