@@ -55,11 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lrpx", description="Layer-wise Relevance Propagation: explain classifiers and "
                      "evaluate explanations.")
     parser.add_argument("--version", action="version", version=f"lrpx {__version__}")
-    parser.set_defaults(handler=lambda args: parser.error("choose a command: demo, explain or evaluate"))
-    subparsers = parser.add_subparsers(title="commands", metavar="{demo,explain,evaluate}")
+    parser.set_defaults(handler=lambda args: parser.error("choose a command: demo, explain, evaluate or report"))
+    subparsers = parser.add_subparsers(title="commands", metavar="{demo,explain,evaluate,report}")
     _add_demo(subparsers)
     _add_explain(subparsers)
     _add_evaluate(subparsers)
+    _add_report(subparsers)
     return parser
 
 
@@ -102,8 +103,14 @@ def _add_demo(subparsers) -> None:
 
 
 def _add_inputs(p: argparse.ArgumentParser, command: str) -> None:
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (anything Pillow reads)")
-    p.add_argument("--model", required=True, metavar="NAME", help="a torchvision classification model, e.g. vgg16")
+    if command == "evaluate":
+        p.add_argument("images", nargs="*", type=Path, metavar="IMAGE",
+                       help="image files (anything Pillow reads), or --data")
+    else:
+        p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (anything Pillow reads)")
+    p.add_argument("--model", required=True, metavar="NAME",
+                   help="a torchvision classification model, e.g. vgg16, or a built-in model trained on the "
+                   "shapes data: shapes_vgg, shapes_resnet")
     p.add_argument("--weights", default="DEFAULT", metavar="DEFAULT|PATH",
                    help="DEFAULT: torchvision's weights (downloaded once, then cached by torch); PATH: a "
                    "local state-dict file (default: %(default)s)")
@@ -153,4 +160,38 @@ def _add_evaluate(subparsers) -> None:
     p.add_argument("--score", default="logit", metavar="NAME", help="logit or softmax (default: %(default)s)")
     p.add_argument("--batch-size", type=positive, default=32, metavar="N", help="inputs per model call (default: 32)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random order and fills (default: 0)")
+    d = p.add_argument_group("data sets", "Evaluate a whole data set instead of IMAGE...: streamed, split over the "
+                             "processes of `torchrun --nproc-per-node N -m lrpx evaluate --data ...`, resumable.")
+    d.add_argument("--data", type=Path, default=None, metavar="DIR|LIST.csv",
+                   help="an image folder (class sub-folders give labels; a flat folder has none and the target "
+                   "is the top class) or a CSV of path[,label] rows")
+    d.add_argument("--metrics", nargs="+", default=["pixel_flipping"], metavar="NAME",
+                   help="pixel_flipping, insertion, deletion, faithfulness_correlation, randomization, sparseness, "
+                   "localisation (default: pixel_flipping)")
+    d.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                   help="object masks at the images' relative paths, for localisation")
+    d.add_argument("--limit", type=positive, default=None, metavar="N", help="the first N images only")
+    d.add_argument("--workers", type=int, default=0, metavar="K", help="DataLoader processes decoding images "
+                   "(default: 0, in the main process)")
+    d.add_argument("--images-per-batch", type=positive, default=16, metavar="N",
+                   help="images explained together (default: 16)")
+    d.add_argument("--save-relevance", action="store_true",
+                   help="also store the relevance maps (float16, safetensors) under OUT/relevance")
+    d.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run")
+    d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=commands.run_evaluate)
+
+
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser("report", help="summary of an `lrpx evaluate --data` run",
+                              description="Rebuild summary.json, summary.md, failures.csv and the figures of an "
+                              "`lrpx evaluate --data` run from whatever result parts exist (also of a run that is "
+                              "going on or was stopped).")
+    p.add_argument("out", type=Path, metavar="OUT", help="the run's output folder")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .dataset import run_report
+
+    return run_report(args)

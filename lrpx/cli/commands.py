@@ -139,6 +139,12 @@ def _print_top(path: Path, logits: Tensor, target: int, categories: Sequence[str
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    if args.data is not None:
+        from .dataset import run_evaluate_data
+
+        return run_evaluate_data(args)
+    if not args.images:
+        raise UsageError("give image files to evaluate, or --data DIR|LIST.csv for a data set")
     from ..eval import FILLS, ORDERS, SCHEDULES, SCORES
     from ..methods import explain_batches
     from .reports import evaluation_report, write_evaluation

@@ -1,51 +1,24 @@
-"""Image files in and out: reading any image Pillow opens as an upright RGB picture, and one
-output name per input image."""
+"""Image files in and out: reading images as upright RGB pictures (:mod:`lrpx.files`), and
+one output name per input image."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from .. import files
 from .common import UsageError, first_line
 
 __all__ = ["read_rgb", "load_images", "check_readable", "output_names"]
 
-#: modes of more than 8 bits per pixel and their full-scale value (``convert("RGB")`` clips them)
-_WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
-
-
 def read_rgb(path: Path):
-    """The image in ``path`` as an 8-bit RGB ``PIL.Image``: turned upright by its EXIF
-    orientation, 16-bit and float greyscale scaled to 8 bits (not clipped).
-
-    Raises
-    ------
-    UsageError
-        A missing or unreadable file, or one larger than Pillow's decompression-bomb limit.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
+    """:func:`lrpx.files.read_rgb`, its errors as usage errors (one line, exit code 2)."""
     try:
-        with Image.open(path) as img:
-            return _to_rgb(ImageOps.exif_transpose(img))
-    except FileNotFoundError:
-        raise UsageError(f"image not found: {path}") from None
-    except Image.DecompressionBombError as error:
-        raise UsageError(f"image {path} is too large to read safely: {first_line(error)}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UsageError(f"cannot read image {path}: {first_line(error)}") from None
-
-
-def _to_rgb(img):
-    from PIL import Image
-
-    if img.mode in _WIDE_MODES:
-        values = np.asarray(img, dtype=np.float64) / _WIDE_MODES[img.mode]
-        img = Image.fromarray(np.round(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
-    return img.convert("RGB")
+        return files.read_rgb(path)
+    except files.ImageReadError as error:
+        raise UsageError(str(error)) from None
 
 
 def load_images(paths: Sequence[Path], transform) -> Tensor:

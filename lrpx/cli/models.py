@@ -35,11 +35,15 @@ class Preprocessing:
         return (x * std + mean).clamp(0, 1)
 
 
+#: the built-in models trained on the shapes data (``lrpx.datasets``), by command-line name
+BUILTIN = {"shapes_vgg": "vgg", "shapes_resnet": "resnet"}
+
+
 def classification_models() -> list[str]:
-    """Names of torchvision's classification models."""
+    """Names of torchvision's classification models, then the built-in shapes models."""
     import torchvision
 
-    return torchvision.models.list_models(module=torchvision.models)
+    return torchvision.models.list_models(module=torchvision.models) + list(BUILTIN)
 
 
 def load_classifier(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
@@ -54,9 +58,29 @@ def load_classifier(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
     import torchvision
 
     check_choice("model", [name], classification_models())
+    if name in BUILTIN:
+        return _builtin(name, weights)
     default = torchvision.models.get_model_weights(name).DEFAULT
     model = _download(name) if weights == "DEFAULT" else _from_file(name, Path(weights))
     return model.eval(), _preprocessing(default)
+
+
+def _builtin(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
+    """A built-in shapes model: DEFAULT trains it on first use (then cached), PATH loads a state dict."""
+    import torchvision.transforms as T
+
+    from .. import datasets as ds
+
+    if weights == "DEFAULT":
+        model = ds.load_model(BUILTIN[name], progress=False)[0]
+    else:
+        path = Path(weights)
+        state = read_state_dict(path)
+        model = ds.MODELS[BUILTIN[name]]()
+        _check_state(model, state, path, name)
+        model.load_state_dict(state)
+    transform = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Normalize(ds.MEAN, ds.STD)])
+    return model.eval(), Preprocessing(transform, tuple(ds.MEAN), tuple(ds.STD), tuple(ds.CLASSES))
 
 
 def _download(name: str) -> nn.Module:

@@ -26,8 +26,11 @@ from .order import ORDERS, SCHEDULES, region_relevance, removal_order, schedule_
 from .perturb import perturbed_inputs
 from .result import FlippingResult
 from .scores import SCORES, aopc, auc, mean_std, unit_step_auc
+from .dataset import MetricSettings, evaluate_dataset
 
 __all__ = [
+    "evaluate_dataset",
+    "MetricSettings",
     "deletion",
     "insertion",
     "faithfulness_correlation",
