@@ -71,3 +71,35 @@ def attributor(model: nn.Module, method: str, *, low: Tensor | float, high: Tens
 def explain_batches(explainer: Attributor, x: Tensor, target: Tensor, batch_size: int = 8) -> Tensor:
     """``explainer`` over ``x`` in batches of ``batch_size`` samples, concatenated."""
     return torch.cat([explainer(xb, tb) for xb, tb in zip(x.split(batch_size), target.split(batch_size))])
+
+
+def quantus_explain_func(method: str = "epsilon_plus", *, low: Tensor | float = -3.0, high: Tensor | float = 3.0,
+                         channel_sum: bool = False) -> Callable:
+    """An ``explain_func`` for Quantus: ``explain_func(model, inputs, targets, **kwargs)``
+    takes numpy (or torch) inputs ``(B, C, H, W)`` and class indices and returns the relevance of
+    ``method`` (an LRP preset or a baseline, :func:`method_names`) as a float32 numpy array,
+    ``(B, C, H, W)`` or, with ``channel_sum``, ``(B, 1, H, W)``.
+
+    The conversion of each model is made once and kept while the model lives::
+
+        quantus.FaithfulnessCorrelation()(model=model, x_batch=x, y_batch=y,
+                                          explain_func=lrpx.methods.quantus_explain_func("epsilon_plus"))
+    """
+    import weakref
+
+    if method not in method_names():
+        raise ValueError(f"unknown method '{method}'; valid: {', '.join(method_names())}")
+    cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def explain_func(model: nn.Module, inputs, targets, **kwargs):
+        device = next(model.parameters()).device
+        x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
+        target = torch.as_tensor(targets, device=device).long().view(-1).expand(x.shape[0])
+        if model not in cache:
+            cache[model] = attributor(model.eval(), method, low=low, high=high)
+        relevance = cache[model](x, target).detach()
+        if channel_sum:
+            relevance = relevance.sum(1, keepdim=True)
+        return relevance.float().cpu().numpy()
+
+    return explain_func
