@@ -5,7 +5,6 @@ curves with confidence bands), ``bars.png`` (a bar per method and metric) and
 ``failures.csv``."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import defaultdict
@@ -16,7 +15,7 @@ import numpy as np
 
 from .metrics import BETTER
 from .stats import bootstrap_ci, paired_comparison
-from .store import read_results
+from .store import read_results, write_failures
 
 __all__ = ["write_report", "summarize"]
 
@@ -51,10 +50,7 @@ def write_report(out: str | Path) -> dict:
     summary["failures"] = len(failures)
     manifest = out / "run.json"
     summary["run"] = json.loads(manifest.read_text())["settings"] if manifest.exists() else {}
-    with (out / "failures.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "image", "reason"])
-        writer.writerows(failures)
+    write_failures(out / "failures.csv", failures)
     (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
     (out / "summary.md").write_text(markdown(summary))
     _figures(table, out)

@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["COLUMNS", "RunStore", "RunMismatch", "read_results", "pyarrow"]
+__all__ = ["COLUMNS", "RunStore", "RunMismatch", "read_results", "write_failures", "pyarrow"]
 
 #: the columns of the result rows
 COLUMNS = ("image", "index", "label", "target", "method", "fill", "order", "metric", "layer", "value", "curve")
@@ -119,7 +119,7 @@ class RunStore:
 
             _atomic_write(self.relevance / f"{name}.safetensors", lambda p: save_file(relevance, str(p)))
         if failures:
-            _atomic_write(self.failures / f"{name}.csv", lambda p: _write_failures(p, failures))
+            _atomic_write(self.failures / f"{name}.csv", lambda p: write_failures(p, failures))
         if rows:
             pa = pyarrow()
             table = pa.Table.from_pylist(list(rows), schema=_schema())
@@ -141,7 +141,8 @@ class RunStore:
         return done, total
 
 
-def _write_failures(path: Path, failures: Iterable[tuple[int, str, str]]) -> None:
+def write_failures(path: Path, failures: Iterable[tuple[int, str, str]]) -> None:
+    """A CSV of ``index,image,reason`` rows."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "image", "reason"])
