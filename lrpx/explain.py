@@ -1,11 +1,13 @@
 """``explain``: one call from an input batch to its relevance."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["explain", "Explanation"]
 
@@ -19,15 +21,19 @@ class Explanation:
     relevance
         Input relevance, shape of the input.
     output
-        The model output (detached).
+        The model output (detached; a tensor, or the model's dict / list of tensors).
     target
         The class explained per sample, ``(B,)`` integer indices; ``None`` when the initial
-        relevance was a tensor.
+        relevance was a tensor or the target a callable.
+    score
+        The explained score per sample, ``(B,)``: the target logit, or what a callable target
+        returned; ``None`` for a tensor initial relevance.
     """
 
     relevance: Tensor
-    output: Tensor
+    output: Any
     target: Tensor | None = None
+    score: Tensor | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.relevance, self.output))
@@ -36,11 +42,11 @@ class Explanation:
 def explain(
     lrp_model: nn.Module,
     x: Tensor,
-    target: int | Sequence[int] | Tensor | None = None,
+    target: int | Sequence[int] | Tensor | Callable[[Any], Tensor] | None = None,
     *,
     initial: str | Tensor = "logit",
 ) -> Explanation:
-    """Explain ``lrp_model(x)`` for the classes ``target``.
+    """Explain ``lrp_model(x)`` for the classes (or scores) ``target``.
 
     Wraps the relevance convention: ``torch.autograd.grad(out, x, grad_outputs=R_out)``.
 
@@ -52,10 +58,16 @@ def explain(
         Input batch (floating point); never modified.
     target
         Class per sample: an int (every sample), a sequence or a tensor of shape ``(B,)``;
-        ``None`` takes the argmax of the output. Not needed with a tensor ``initial``.
+        ``None`` takes the argmax of the output. Not needed with a tensor ``initial``. Or a
+        callable ``target(output) -> (B,)`` that picks the scores to explain from whatever the
+        model returns (a tensor, a dict, a list of dicts; see :mod:`lrpx.targets`): the initial
+        relevance is then ``output * d score / d output`` for every output tensor, which for a
+        score that sums outputs (class logits over a region, a detection's score) is those
+        outputs themselves, as ``"logit"`` is for a class.
     initial
         Initial relevance: ``"logit"`` (the target logit, so relevance sums to it up to what
-        biases absorb), ``"one_hot"``, or a tensor shaped like the output.
+        biases absorb), ``"one_hot"`` (the gradient of the score: 1 at the target), or a
+        tensor shaped like the output.
 
     Returns
     -------
@@ -66,16 +78,49 @@ def explain(
     inp = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         out = lrp_model(inp)
+        if callable(target) and not isinstance(target, Tensor):
+            return _explain_scores(out, inp, target, initial)
         if not isinstance(out, Tensor):
-            raise TypeError(f"the model returned {type(out).__name__}; explain needs a tensor output")
+            raise TypeError(f"the model returned {type(out).__name__}; explain needs a tensor output, or a "
+                            "callable target that picks the scores from it (see lrpx.targets)")
         r_out, target = _initial(out, target, initial)
         (relevance,) = torch.autograd.grad(out, inp, grad_outputs=r_out)
+    _check_finite(relevance)
+    score = None if target is None else out.detach().gather(1, target.view(-1, 1)).squeeze(1)
+    return Explanation(relevance, out.detach(), target, score)
+
+
+def _check_finite(relevance: Tensor) -> None:
     if not torch.isfinite(relevance).all():
         raise FloatingPointError(
             "the relevance has NaN or inf entries: a denominator vanished or overflowed. Use a larger "
             "epsilon/stabilizer, a wider dtype than float16, or check the model's output for inf."
         )
-    return Explanation(relevance, out.detach(), target)
+
+
+def _explain_scores(out, inp: Tensor, target: Callable, initial: str | Tensor) -> Explanation:
+    """Relevance of the scores ``target(out)`` (``(B,)``): initial relevance ``out * d score /
+    d out`` (``"logit"``) or ``d score / d out`` (``"one_hot"``) on each output tensor."""
+    if isinstance(initial, Tensor) or initial not in ("logit", "one_hot"):
+        raise ValueError(f"with a callable target, initial must be 'logit' or 'one_hot', got {initial!r}")
+    scores = target(out)
+    batch = inp.shape[0]
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"the target callable returned {type(scores).__name__}; it must return a tensor of "
+                        f"shape ({batch},), one score per sample")
+    if scores.shape != (batch,):
+        raise ValueError(f"the target callable returned shape {tuple(scores.shape)}; it must return ({batch},), "
+                         "one score per sample")
+    leaves = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(scores.sum(), leaves, retain_graph=True, allow_unused=True)
+    used = [(t, g) for t, g in zip(leaves, grads) if g is not None]
+    if not used:
+        raise ValueError("the target callable's scores do not depend on the model's output")
+    r_out = [g * t.detach() if initial == "logit" else g for t, g in used]
+    (relevance,) = torch.autograd.grad([t for t, _ in used], inp, grad_outputs=r_out)
+    _check_finite(relevance)
+    detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+    return Explanation(relevance, detached, None, scores.detach())
 
 
 def _check_input(x: Tensor) -> None:

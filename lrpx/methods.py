@@ -19,16 +19,18 @@ __all__ = ["Attributor", "gradient", "gradient_x_input", "BASELINES", "method_na
 Attributor = Callable[[Tensor, Tensor], Tensor]
 
 
-def gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    """Gradient of the target logit with respect to the input (sensitivity), shape of ``x``."""
+def gradient(model: nn.Module, x: Tensor, target: Tensor | Callable) -> Tensor:
+    """Gradient of the target logit (or of the scores of a callable target, see
+    :mod:`lrpx.targets`) with respect to the input (sensitivity), shape of ``x``."""
     inp = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        score = model(inp).gather(1, target.view(-1, 1)).sum()
+        out = model(inp)
+        score = target(out).sum() if callable(target) else out.gather(1, target.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(score, inp)
     return grad
 
 
-def gradient_x_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+def gradient_x_input(model: nn.Module, x: Tensor, target: Tensor | Callable) -> Tensor:
     """Gradient × input, shape of ``x``."""
     return gradient(model, x, target) * x.detach()
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ModelGraph
-from .layers import Add, Mean, Product
+from .layers import Add, Interpolate, Mean, Product
 
 __all__ = ["rewrite_functional", "RESHAPES", "tags"]
 
@@ -44,6 +44,8 @@ _FUNCTIONS: dict = {
     F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
     F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)), torch.mean: (Mean, ("dim", "keepdim", "dtype")),
 }
+#: the parameters of ``F.interpolate`` after the input, in order
+_INTERPOLATE = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 _METHODS: dict = {"relu": (nn.ReLU, ()), "sigmoid": (nn.Sigmoid, ()), "tanh": (nn.Tanh, ()),
                   "softmax": (nn.Softmax, ("dim", "dtype")), "mean": (Mean, ("dim", "keepdim", "dtype"))}
 
@@ -74,6 +76,8 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
         if layer is not None:
             _replace(module, graph, node, layer, (node.args[0],))
             changed = True
+        elif node.op == "call_function" and node.target is F.interpolate:
+            changed = _rewrite_interpolate(module, graph, node) or changed
     kinds = tags(graph)
     for node in list(graph.nodes):
         new = None
@@ -88,17 +92,37 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
     return changed
 
 
-def _replace(module: nn.Module, graph: fx.Graph, node: fx.Node, layer: nn.Module, args: tuple) -> fx.Node:
+def _replace(module: nn.Module, graph: fx.Graph, node: fx.Node, layer: nn.Module, args: tuple,
+             kwargs: dict | None = None) -> fx.Node:
     """Put a call of the new child ``layer`` of ``module`` in place of ``node``."""
     name = node.name
     while hasattr(module, name):
         name = f"{name}_"
     module.add_module(name, layer)
     with graph.inserting_after(node):
-        new = graph.call_module(name, args)
+        new = graph.call_module(name, args, kwargs or {})
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
+
+
+def _rewrite_interpolate(module: nn.Module, graph: fx.Graph, node: fx.Node) -> bool:
+    """``F.interpolate(x, ...)`` as an :class:`Interpolate` layer; the size and scale may be
+    computed at run time (they become arguments of the layer's forward), the mode and flags
+    must be constants."""
+    if not node.args or len(node.args) - 1 > len(_INTERPOLATE):
+        return False
+    bound = dict(zip(_INTERPOLATE, node.args[1:]))
+    bound.update(node.kwargs)
+    if set(bound) - set(_INTERPOLATE):
+        return False
+    flags = {k: bound.get(k, default) for k, default in
+             (("mode", "nearest"), ("align_corners", None), ("recompute_scale_factor", None), ("antialias", False))}
+    if any(isinstance(v, fx.Node) for v in flags.values()):
+        return False
+    runtime = {k: bound[k] for k in ("size", "scale_factor") if bound.get(k) is not None}
+    _replace(module, graph, node, Interpolate(**flags), (node.args[0],), runtime)
+    return True
 
 
 def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict | None:

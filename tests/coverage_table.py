@@ -23,8 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lrpx  # noqa: E402
-from lrpx.layers import KEPT, Add, Mean, Product  # noqa: E402
-from zoo import FAMILIES  # noqa: E402
+from lrpx.layers import KEPT, Add, Interpolate, Mean, Product  # noqa: E402
+from zoo import FAMILIES, SEGMENTATION  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
@@ -43,7 +43,7 @@ def _rewrites(original: nn.Module, model: nn.Module) -> str:
     for name, m in model.named_modules():
         if name in before:
             continue
-        if isinstance(m, (Add, Mean, Product)):
+        if isinstance(m, (Add, Mean, Product, Interpolate)):
             added[type(m).__name__] += 1
         elif isinstance(m, lrpx.layers.Twin):
             added[next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn")).__name__] += 1
@@ -57,7 +57,9 @@ def _kept(model: nn.Module) -> str:
 
 def rows() -> list[tuple[str, ...]]:
     out = []
-    for name, (size, kwargs) in FAMILIES.items():
+    families = [(name, size, kwargs) for name, (size, kwargs) in FAMILIES.items()]
+    families += [(name, size, {"weights_backbone": None, **kwargs}) for name, (size, kwargs) in SEGMENTATION.items()]
+    for name, size, kwargs in families:
         torch.manual_seed(0)
         original = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
         model = lrpx.convert(original, lrpx.composites.epsilon_gamma_box(-3.0, 3.0))

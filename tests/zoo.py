@@ -222,3 +222,13 @@ FAMILIES: dict[str, tuple[int, dict]] = {
     "convnext_tiny": (32, {}),
     "vit_b_16": (32, {"image_size": 32}),
 }
+
+
+#: torchvision's segmentation families: ``{name: (input size, constructor kwargs)}`` (no download:
+#: ``weights_backbone=None``); explained for one class over the whole map
+SEGMENTATION: dict[str, tuple[int, dict]] = {
+    "fcn_resnet50": (48, {"aux_loss": True}),
+    "deeplabv3_resnet50": (48, {}),
+    "deeplabv3_mobilenet_v3_large": (48, {"aux_loss": True}),
+    "lraspp_mobilenet_v3_large": (48, {}),
+}

@@ -138,6 +138,12 @@ def _add_explain(subparsers) -> None:
     p.add_argument("--gamma", type=float, default=1.0, metavar="G",
                    help="exponent on the heatmap's magnitude (default: 1)")
     p.add_argument("--top", type=positive, default=5, metavar="N", help="classes to print per image (default: 5)")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="classification (default) or segmentation: --model is then a torchvision segmentation "
+                   "model (fcn_resnet50, deeplabv3_resnet50, lraspp_mobilenet_v3_large, ...)")
+    p.add_argument("--class", dest="class_index", type=int, default=None, metavar="K",
+                   help="segmentation: the class whose logits over the predicted map are explained (default: the "
+                   "class, other than class 0, that covers most of the prediction)")
     p.set_defaults(handler=commands.run_explain)
 
 

@@ -16,7 +16,7 @@ from .common import UsageError, check_choice, device, first_line, out_dir
 from .images import check_readable, load_images, output_names
 from .models import Preprocessing, classification_models, load_classifier
 
-__all__ = ["run_demo", "run_explain", "run_evaluate"]
+__all__ = ["run_demo", "run_explain", "run_evaluate", "attributors"]
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -87,7 +87,7 @@ def _prepare(args: argparse.Namespace, methods: Sequence[str]):
     return model, prep, x, logits, target
 
 
-def _attributors(model: nn.Module, methods: Sequence[str], prep: Preprocessing, where: torch.device, name: str):
+def attributors(model: nn.Module, methods: Sequence[str], prep: Preprocessing, where: torch.device, name: str):
     from ..convert import UnsupportedModuleError
     from ..graph import TraceError
     from ..methods import attributor
@@ -113,8 +113,14 @@ def run_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"--percentile must be in (0, 100], got {args.percentile}")
     if not args.gamma > 0:
         raise UsageError(f"--gamma must be positive, got {args.gamma}")
+    if args.task == "segmentation":
+        from .segmentation import run_explain_segmentation
+
+        return run_explain_segmentation(args)
+    if args.class_index is not None:
+        raise UsageError("--class goes with --task segmentation; for a classifier use --target K")
     model, prep, x, logits, target = _prepare(args, [args.composite])
-    explainer = _attributors(model, [args.composite], prep, x.device, args.model)[args.composite]
+    explainer = attributors(model, [args.composite], prep, x.device, args.model)[args.composite]
     relevance = explain_batches(explainer, x, target)
     heat = image.heatmap(relevance, percentile=args.percentile, gamma=args.gamma)
     over = image.overlay(prep.to_pixels(x), relevance, percentile=args.percentile, gamma=args.gamma)
@@ -155,7 +161,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_choice("schedule", [args.schedule], list(SCHEDULES))
     check_choice("score", [args.score], list(SCORES))
     model, prep, x, _, target = _prepare(args, methods)
-    explainers = _attributors(model, methods, prep, x.device, args.model)
+    explainers = attributors(model, methods, prep, x.device, args.model)
     results = {}
     for method, explainer in explainers.items():
         relevance = explain_batches(explainer, x, target)

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .common import UsageError, check_choice, first_line
 
-__all__ = ["Preprocessing", "classification_models", "load_classifier", "read_state_dict"]
+__all__ = ["Preprocessing", "classification_models", "segmentation_models", "load_classifier", "load_segmenter",
+           "read_state_dict"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,41 @@ def classification_models() -> list[str]:
     import torchvision
 
     return torchvision.models.list_models(module=torchvision.models) + list(BUILTIN)
+
+
+def segmentation_models() -> list[str]:
+    """Names of torchvision's segmentation models."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models.segmentation)
+
+
+def load_segmenter(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
+    """A torchvision segmentation model in eval mode with ``weights`` ("DEFAULT" or a state-dict
+    path; a fine-tuned head with another number of classes, and an auxiliary head, are detected
+    from the file). Never downloads backbone weights for a local file."""
+    import torchvision
+
+    check_choice("segmentation model", [name], segmentation_models())
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    if weights == "DEFAULT":
+        model = _download(name)
+    else:
+        path = Path(weights)
+        state = read_state_dict(path)
+        kwargs = {"weights": None, "weights_backbone": None}
+        if not name.startswith("lraspp"):
+            kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state)
+        model = torchvision.models.get_model(name, **kwargs)
+        own = model.state_dict()
+        heads = [k for k in own if k in state and own[k].shape != state[k].shape and own[k].dim() == 4]
+        if heads:  # a head fine-tuned to other classes
+            model = torchvision.models.get_model(name, num_classes=state[heads[-1]].shape[0], **kwargs)
+        _check_state(model, state, path, name)
+        model.load_state_dict(state)
+    transform = default.transforms()
+    categories = tuple(default.meta.get("categories") or ())
+    return model.eval(), Preprocessing(transform, tuple(transform.mean), tuple(transform.std), categories)
 
 
 def load_classifier(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:

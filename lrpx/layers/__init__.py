@@ -19,12 +19,12 @@ from .attention import ATTENTION_TWINS
 from .base import Twin, copy_hooks, has_hooks
 from .merge import Add, Product
 from .normalization import NORM_TWINS
-from .pooling import (LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d, LRPAdaptiveAvgPool3d, LRPAvgPool1d,
-                      LRPAvgPool2d, LRPAvgPool3d, Mean)
+from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
+                      LRPAdaptiveAvgPool3d, LRPAvgPool1d, LRPAvgPool2d, LRPAvgPool3d, Mean)
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Product", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
+__all__ = ["Twin", "Add", "Mean", "Product", "Interpolate", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
            "batchnorm_affine",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
            "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
@@ -73,6 +73,7 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     Add: Add,
     Mean: Mean,
     Product: Product,
+    **UPSAMPLE_TWINS,
     **ACTIVATION_TWINS,
     **NORM_TWINS,
     **ATTENTION_TWINS,

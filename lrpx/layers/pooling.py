@@ -1,18 +1,23 @@
-"""Twins of average pooling (the Norm rule). Max pooling keeps its plain gradient
-(winner-take-all), so it needs no twin."""
+"""Twins of the parameter-free linear maps that take the Norm rule: average pooling, means and
+interpolation (upsampling). Max pooling keeps its plain gradient (winner-take-all), so it
+needs no twin."""
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
 from ..core import lrp_apply
-from ..ops import AdaptiveAvgPoolOps, AvgPoolOps, MeanOps
+from ..ops import AdaptiveAvgPoolOps, AvgPoolOps, InterpolateOps, MeanOps
 from ..rules.base import Rule
 from ..rules.elementwise import Norm
 from .base import Twin
 
 __all__ = ["LRPAvgPool1d", "LRPAvgPool2d", "LRPAvgPool3d",
-           "LRPAdaptiveAvgPool1d", "LRPAdaptiveAvgPool2d", "LRPAdaptiveAvgPool3d", "Mean"]
+           "LRPAdaptiveAvgPool1d", "LRPAdaptiveAvgPool2d", "LRPAdaptiveAvgPool3d", "Mean", "Interpolate",
+           "LRPUpsample", "LRPUpsamplingNearest2d", "LRPUpsamplingBilinear2d", "UPSAMPLE_TWINS"]
+
+#: interpolation modes whose weights are >= 0 (the output keeps the input's sign)
+_CONVEX_MODES = frozenset({"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"})
 
 
 class _PoolTwin(Twin):
@@ -94,3 +99,75 @@ class Mean(_PoolTwin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, keepdim={self.keepdim}, rule={self.rule!r}"
+
+
+class Interpolate(_PoolTwin, nn.Module):
+    r"""``F.interpolate(input, size, scale_factor, mode, ...)`` as a layer with the Norm rule:
+    a linear map of its input, so relevance is split in proportion to each input pixel's
+    contribution to each output pixel,
+
+    .. math:: R_j = x_j \sum_k \frac{w_{kj}}{\sum_i w_{ki} x_i + \epsilon\,\mathrm{sign}_0(\cdot)} R_k
+
+    (``w`` the interpolation weights). ``convert`` puts one in place of each ``F.interpolate``
+    call in traced forward code; ``size`` and ``scale_factor`` computed at run time (the
+    segmentation models' ``size=x.shape[-2:]``) are arguments of its forward.
+    """
+
+    def __init__(self, mode: str = "nearest", align_corners: bool | None = None,
+                 recompute_scale_factor: bool | None = None, antialias: bool = False, rule: Rule | None = None) -> None:
+        super().__init__()
+        self.mode, self.align_corners = mode, align_corners
+        self.recompute_scale_factor, self.antialias = recompute_scale_factor, bool(antialias)
+        self.rule = Norm() if rule is None else rule
+
+    @classmethod
+    def from_module(cls, module: "Interpolate", rule: Rule) -> "Interpolate":
+        cls.check_rule(rule)
+        return cls(module.mode, module.align_corners, module.recompute_scale_factor, module.antialias, rule)
+
+    def forward(self, input: Tensor, size=None, scale_factor=None) -> Tensor:
+        ops = InterpolateOps(_frozen(size), _frozen(scale_factor), self.mode, self.align_corners,
+                             self.recompute_scale_factor, self.antialias)
+        return lrp_apply(ops, self.rule, input)
+
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return inputs_nonnegative and self.mode in _CONVEX_MODES
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, align_corners={self.align_corners}, rule={self.rule!r}"
+
+
+def _frozen(value):
+    """A size or scale as a tuple (``torch.Size``, lists) or a number; None stays None."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    return tuple(int(v) if isinstance(v, int) or hasattr(v, "__index__") else float(v) for v in value)
+
+
+class _UpsampleTwin(_PoolTwin):
+    def forward(self, input: Tensor) -> Tensor:
+        ops = InterpolateOps(_frozen(self.size), _frozen(self.scale_factor), self.mode, self.align_corners,
+                             getattr(self, "recompute_scale_factor", None))
+        return lrp_apply(ops, self.rule, input)
+
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return inputs_nonnegative and self.mode in _CONVEX_MODES
+
+
+class LRPUpsample(_UpsampleTwin, nn.Upsample):
+    """``nn.Upsample`` with the Norm rule (see :class:`Interpolate`)."""
+
+
+class LRPUpsamplingNearest2d(_UpsampleTwin, nn.UpsamplingNearest2d):
+    """``nn.UpsamplingNearest2d`` with the Norm rule (see :class:`Interpolate`)."""
+
+
+class LRPUpsamplingBilinear2d(_UpsampleTwin, nn.UpsamplingBilinear2d):
+    """``nn.UpsamplingBilinear2d`` with the Norm rule (see :class:`Interpolate`)."""
+
+
+#: ``{torch class: twin class}`` of the upsampling layers
+UPSAMPLE_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Upsample: LRPUpsample, nn.UpsamplingNearest2d: LRPUpsamplingNearest2d,
+    nn.UpsamplingBilinear2d: LRPUpsamplingBilinear2d, Interpolate: Interpolate,
+}
