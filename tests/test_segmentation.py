@@ -158,3 +158,27 @@ def test_segmentation_models_need_no_download():
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                                       num_classes=3)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_pixel_flipping_of_a_segmentation_region():
+    """The score of each perturbed input is the mean class logit over the sample's own region."""
+    torch.manual_seed(0)
+    model = Decoder().double().eval()
+    x = torch.rand(2, 3, 6, 5, dtype=torch.float64)
+    masks = torch.zeros(2, 6, 5, dtype=torch.bool)
+    masks[0, :3], masks[1, 3:] = True, True
+    relevance = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    target = segment(1, masks, reduce="mean")
+    result = lrpx.eval.pixel_flipping(model, x, relevance, target, patch_size=1, steps=4, fill=0.0,
+                                      order=("morf", "random"), generator=torch.Generator().manual_seed(0))
+    assert result.target.tolist() == [-1, -1] and result.score == "segment(1)"
+    inputs, _ = lrpx.eval.perturbed_inputs(x, relevance, at=[0, 2, 4], order="morf", steps=4, fill=0.0)
+    for k, step in enumerate([0, 2, 4]):
+        out = model(inputs[k])["out"][:, 1]
+        expected = torch.stack([out[b][masks[b]].mean() for b in range(2)])
+        torch.testing.assert_close(result.curve("morf")[:, step], expected)
+    corr = lrpx.eval.faithfulness_correlation(model, x, relevance, target, subsets=6, subset_size=5, fill=0.0,
+                                              generator=torch.Generator().manual_seed(0))
+    assert corr.shape == (2,) and torch.isfinite(corr).all()
+    with pytest.raises(ValueError, match=r"the target callable returned shape"):
+        lrpx.eval.pixel_flipping(model, x, relevance, lambda out, sample: out["out"][:, 1], steps=2, fill=0.0)

@@ -59,7 +59,11 @@ def pixel_flipping(
     relevance
         ``(B, C, H, W)``, ``(B, 1, H, W)`` or ``(B, H, W)`` attribution. Not modified.
     target
-        Class per sample (an int for all); ``None``: the argmax on the clean input.
+        Class per sample (an int for all); ``None``: the argmax on the clean input. Or a
+        callable ``target(output, sample) -> (N,)`` that picks the score of each input from
+        whatever the model returns (``sample``: which sample of ``x`` each input comes from;
+        e.g. ``lrpx.targets.segment(c, masks, reduce="mean")`` for segmentation); ``score`` is
+        then not used and ``result.target`` holds -1.
     patch_size
         Region side; 1 is pixel flipping, more is region perturbation.
     steps
@@ -123,7 +127,10 @@ def perturbation_curves(model, x: Tensor, relevance: Tensor, target=None, *, mod
     with torch.inference_mode():
         if targets is None and mode == "insert":  # step 0 holds no pixel of the input
             targets = clean_argmax(model, plan.x, batch_size)
+        callable_target = callable(targets)
         curves, targets = _stream(model, plan, targets, score_fn, batch_size, progress)
+    if callable_target:
+        score_name = getattr(target, "__name__", type(target).__name__)
     return FlippingResult(
         curves=curves.clone(), counts=torch.tensor(plan.counts), num_regions=plan.num_regions,
         orders=plan.orders, target=targets.clone(), score=score_name, fill=repr(plan.fill),
@@ -164,11 +171,19 @@ def item_indices(batch: int, orders: int, steps: int, device=None) -> tuple[Tens
     return torch.cat([zeros, order]), torch.cat([first, sample]), torch.cat([zeros, step])
 
 
-def _stream(model, plan: Perturbation, targets: Tensor | None, score_fn, batch_size: int,
+def _stream(model, plan: Perturbation, targets, score_fn, batch_size: int,
             progress: bool) -> tuple[Tensor, Tensor]:
     batch, device = plan.x.shape[0], plan.x.device
     order, sample, step = item_indices(batch, len(plan.orders), len(plan.counts) - 1, device)
     scores = torch.empty(order.numel(), dtype=torch.float64, device=device)
+    if callable(targets):  # scores picked by the caller from any output
+        for start in tqdm(range(0, order.numel(), batch_size), disable=not progress, desc="pixel flipping",
+                          unit="batch"):
+            part = slice(start, start + batch_size)
+            inputs, _ = plan(order[part], sample[part], step[part])
+            scores[part] = target_scores(targets, model(inputs), sample[part])
+        known = torch.full((batch,), -1, dtype=torch.long, device=device)
+        return _curves(plan, order, sample, step, scores), known
     known = targets if targets is not None else torch.zeros(batch, dtype=torch.long, device=device)
     chunks = range(0, order.numel(), batch_size)
     for start in tqdm(chunks, disable=not progress, desc="pixel flipping", unit="batch"):
@@ -180,16 +195,32 @@ def _stream(model, plan: Perturbation, targets: Tensor | None, score_fn, batch_s
             known[sample[part][clean]] = output[clean].argmax(dim=1)
         check_target_range(known, output)
         scores[part] = score_fn(output, known[sample[part]]).double()
-    curves = torch.empty(len(plan.orders), batch, len(plan.counts), dtype=torch.float64,
-                         device=device)
+    return _curves(plan, order, sample, step, scores), known
+
+
+def _curves(plan: Perturbation, order: Tensor, sample: Tensor, step: Tensor, scores: Tensor) -> Tensor:
+    curves = torch.empty(len(plan.orders), plan.x.shape[0], len(plan.counts), dtype=torch.float64,
+                         device=scores.device)
     curves[order, sample, step] = scores
-    curves[:, :, 0] = scores[:batch]
-    return curves, known
+    curves[:, :, 0] = scores[:plan.x.shape[0]]
+    return curves
 
 
-def check_target(target, x: Tensor) -> Tensor | None:
-    if target is None:
-        return None
+def target_scores(target: Callable, output, sample: Tensor) -> Tensor:
+    """``target(output, sample)`` of a callable target (see :mod:`lrpx.targets`), checked to be
+    one score per item; ``sample`` says which sample of the batch each item comes from."""
+    scores = target(output, sample)
+    if not isinstance(scores, Tensor) or scores.shape != sample.shape:
+        got = f"shape {tuple(scores.shape)}" if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"the target callable returned {got}; it must return ({sample.numel()},), one score per "
+                         "input")
+    return scores.detach().double()
+
+
+def check_target(target, x: Tensor) -> Tensor | Callable | None:
+    """The target as ``(B,)`` class indices, a callable, or None."""
+    if target is None or (callable(target) and not isinstance(target, Tensor)):
+        return target
     batch = x.shape[0]
     target = torch.as_tensor(target, device=x.device)
     if target.is_floating_point() or target.dim() > 1:

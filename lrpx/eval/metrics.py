@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .draws import Generators, rand
-from .flipping import check_target, check_target_range, model_output, perturbation_curves, warn_if_training
+from .flipping import (check_target, check_target_range, model_output, perturbation_curves, target_scores,
+                       warn_if_training)
 from .order import channel_sum, removal_rank
 from .perturb import FillSpec, Normalizer, Perturbation, Schedule
 from .result import FlippingResult
@@ -103,7 +104,8 @@ def faithfulness_correlation(model: Callable[[Tensor], Tensor], x: Tensor, relev
         The baseline of removed regions (default ``0.0``, zero in model-input space); any fill
         of :func:`~lrpx.eval.pixel_flipping`.
     score
-        ``"logit"`` (default) or ``"softmax"`` or a callable ``score(output, target)``.
+        ``"logit"`` (default) or ``"softmax"`` or a callable ``score(output, target)``; not used
+        with a callable ``target`` (as for :func:`~lrpx.eval.pixel_flipping`).
     return_terms
         Also return the ``(B, K)`` relevance sums and score drops.
 
@@ -128,18 +130,26 @@ def faithfulness_correlation(model: Callable[[Tensor], Tensor], x: Tensor, relev
     chosen = ranks.flatten(2) < size  # (B, K, P)
     relevance_sums = (chosen.double() * regions[:, None]).sum(-1)
     with torch.inference_mode():
-        clean = torch.cat([model_output(model, chunk) for chunk in plan.x.split(batch_size)])
-        targets = clean.argmax(1) if targets is None else targets
-        check_target_range(targets, clean)
-        y_clean = score_fn(clean, targets).double()
+        if callable(targets):  # a callable target picks the scores from any output
+            def scores_of(inputs: Tensor, samples: Tensor) -> Tensor:
+                return target_scores(targets, model(inputs), samples)
+        else:
+            clean = torch.cat([model_output(model, chunk) for chunk in plan.x.split(batch_size)])
+            targets = clean.argmax(1) if targets is None else targets
+            check_target_range(targets, clean)
+
+            def scores_of(inputs: Tensor, samples: Tensor) -> Tensor:
+                return score_fn(model_output(model, inputs), targets[samples]).double()
+        every = torch.arange(batch, device=device)
+        y_clean = torch.cat([scores_of(plan.x[part], every[part])
+                             for part in (slice(i, i + batch_size) for i in range(0, batch, batch_size))])
         drops = torch.empty(batch, subsets, dtype=torch.float64, device=device)
-        sample = torch.arange(batch, device=device).repeat_interleave(subsets)
+        sample = every.repeat_interleave(subsets)
         flat_ranks, count = ranks.flatten(0, 1), torch.full((batch * subsets,), size, device=device)
         for start in range(0, batch * subsets, batch_size):
             part = slice(start, start + batch_size)
             inputs, _ = plan.build(sample[part], flat_ranks[part], count[part])
-            scores = score_fn(model_output(model, inputs), targets[sample[part]]).double()
-            drops.view(-1)[part] = y_clean[sample[part]] - scores
+            drops.view(-1)[part] = y_clean[sample[part]] - scores_of(inputs, sample[part])
     correlation = pearson(relevance_sums, drops)
     return (correlation, relevance_sums, drops) if return_terms else correlation
 
