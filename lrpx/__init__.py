@@ -8,8 +8,8 @@ from .canonizers import TraceError, canonize, fold_batchnorm
 from .composites import Composite
 from .convert import UnsupportedModuleError, convert, rule_table
 from .explain import Explanation, explain
-from . import methods
+from . import concepts, methods, targets
 
 __version__ = "0.1.0"
 __all__ = ["convert", "explain", "Explanation", "Composite", "rule_table", "canonize", "fold_batchnorm",
-           "composites", "eval", "layers", "methods", "rules", "TraceError", "UnsupportedModuleError"]
+           "composites", "concepts", "eval", "layers", "methods", "rules", "targets", "TraceError", "UnsupportedModuleError"]

@@ -95,6 +95,8 @@ def convert(
     nn.Module
         The converted model, in eval mode. Hooks registered on the model's modules are kept
         (on copies of their dictionaries); modules that hold hooks are not folded or fused.
+        Its attribute ``lrpx_graph`` holds the model graph, for relevance at named layers
+        (``lrpx.explain(..., record=...)``, :mod:`lrpx.concepts`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
@@ -113,6 +115,7 @@ def convert(
         fuse_relus(target, graph)
     target = graph.materialize(target)
     mark_nonnegative_inputs(target, graph)
+    target.lrpx_graph = graph  # for relevance at named layers (lrpx.record)
     return target.eval()
 
 

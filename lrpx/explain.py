@@ -1,6 +1,7 @@
 """``explain``: one call from an input batch to its relevance."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -8,6 +9,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
+
+from .record import Probes, forward_with_probes
 
 __all__ = ["explain", "Explanation"]
 
@@ -28,12 +31,15 @@ class Explanation:
     score
         The explained score per sample, ``(B,)``: the target logit, or what a callable target
         returned; ``None`` for a tensor initial relevance.
+    recorded
+        With ``record``: ``{module name: relevance at its output}``, per sample.
     """
 
     relevance: Tensor
     output: Any
     target: Tensor | None = None
     score: Tensor | None = None
+    recorded: dict[str, Tensor] | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.relevance, self.output))
@@ -45,6 +51,7 @@ def explain(
     target: int | Sequence[int] | Tensor | Callable[[Any], Tensor] | None = None,
     *,
     initial: str | Tensor = "logit",
+    record: Sequence[str] | None = None,
 ) -> Explanation:
     """Explain ``lrp_model(x)`` for the classes (or scores) ``target``.
 
@@ -68,6 +75,11 @@ def explain(
         Initial relevance: ``"logit"`` (the target logit, so relevance sums to it up to what
         biases absorb), ``"one_hot"`` (the gradient of the score: 1 at the target), or a
         tensor shaped like the output.
+    record
+        Qualified names of modules (``["features.28", "layer4"]``) whose output relevance, the
+        relevance that arrives there from above, is returned in ``Explanation.recorded``
+        (shape of the module's output; zeros where the score does not depend on it). Per call
+        and thread-safe, without hooks; see :mod:`lrpx.record`.
 
     Returns
     -------
@@ -76,10 +88,15 @@ def explain(
     """
     _check_input(x)
     inp = x.detach().clone().requires_grad_(True)
+    probes = None
     with torch.enable_grad():
-        out = lrp_model(inp)
+        if record:
+            probes = Probes(record=frozenset(record))
+            out = forward_with_probes(lrp_model, probes, inp)
+        else:
+            out = lrp_model(inp)
         if callable(target) and not isinstance(target, Tensor):
-            return _explain_scores(out, inp, target, initial)
+            return _with_recorded(_explain_scores(out, inp, target, initial), probes)
         if not isinstance(out, Tensor):
             raise TypeError(f"the model returned {type(out).__name__}; explain needs a tensor output, or a "
                             "callable target that picks the scores from it (see lrpx.targets)")
@@ -87,7 +104,13 @@ def explain(
         (relevance,) = torch.autograd.grad(out, inp, grad_outputs=r_out)
     _check_finite(relevance)
     score = None if target is None else out.detach().gather(1, target.view(-1, 1)).squeeze(1)
-    return Explanation(relevance, out.detach(), target, score)
+    return _with_recorded(Explanation(relevance, out.detach(), target, score), probes)
+
+
+def _with_recorded(explanation: Explanation, probes: Probes | None) -> Explanation:
+    if probes is None:
+        return explanation
+    return dataclasses.replace(explanation, recorded=probes.recorded())
 
 
 def _check_finite(relevance: Tensor) -> None:

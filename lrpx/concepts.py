@@ -1,0 +1,174 @@
+r"""Concepts: which channels of a layer carry a decision, and where each of them looks
+(Concept Relevance Propagation, Achtibat et al. 2023, "From attribution maps to
+human-understandable explanations through Concept Relevance Propagation", Nature Machine
+Intelligence).
+
+* :func:`attribute`: conditional relevance. Each *condition* keeps, at one or more layers, only
+  the relevance of chosen channels on its way down; every condition is one row of one batched
+  backward pass (the input is repeated along the batch).
+* :func:`channel_relevance`, :func:`top_concepts`: the relevance of each channel of a layer,
+  and the channels that carry most of a prediction.
+* :func:`sub_concepts`: the relevance that flows from one channel of a layer to the channels
+  of a lower layer.
+
+Semantics (the rules are linear in the incoming relevance once the forward is fixed, so
+conditions on all channels of a layer sum to the unconditioned heatmap):
+
+* A condition acts on the relevance that flows through the *output of the named module*.
+  Relevance that bypasses the module, through a skip connection around it, is not masked: it
+  reaches the input whatever the condition (condition the module after the sum, e.g. a whole
+  ResNet block, to mask everything).
+* ``recorded`` relevance of a module is the relevance that arrives at its output from above,
+  *before* its own condition is applied (so a conditioned module reports every channel).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .explain import _check_input, _targets
+from .record import Probes, forward_with_probes
+
+__all__ = ["ConceptAttribution", "attribute", "channel_relevance", "top_concepts", "sub_concepts"]
+
+Condition = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class ConceptAttribution:
+    """The result of :func:`attribute`, for ``B`` inputs and ``N`` conditions.
+
+    Attributes
+    ----------
+    relevance
+        ``(B, N, ...)``: the conditional input relevance (heatmaps), one per input and condition.
+    recorded
+        ``{module name: (B, N, ...)}``: the relevance at the output of each recorded module.
+    output
+        ``(B, classes)``: the model's output on the inputs.
+    target
+        ``(B,)``: the explained classes.
+    conditions
+        The conditions, in order.
+    """
+
+    relevance: Tensor
+    recorded: dict[str, Tensor]
+    output: Tensor
+    target: Tensor
+    conditions: tuple[dict[str, tuple[int, ...]], ...]
+
+
+def attribute(lrp_model: nn.Module, x: Tensor, target=None, *, conditions: Sequence[Condition] = ({},),
+              record: Sequence[str] = (), channel_axis: int = 1, initial: str = "logit") -> ConceptAttribution:
+    """Conditional relevance of ``x`` for the classes ``target`` under each condition.
+
+    Parameters
+    ----------
+    lrp_model
+        A model returned by :func:`lrpx.convert`.
+    x
+        ``(B, ...)`` inputs.
+    target
+        Class per input (an int, ``(B,)``) or ``None`` for the top class.
+    conditions
+        ``[{layer name: channels}, ...]``; ``{}`` is the unconditioned explanation; several
+        layers in one condition give a path (the product of their masks).
+    record
+        Layers whose output relevance to return, under each condition.
+    channel_axis
+        The channel axis of the conditioned layers' outputs (1 for ``(B, C, ...)``).
+    initial
+        ``"logit"`` or ``"one_hot"``, as for :func:`lrpx.explain`.
+
+    Returns
+    -------
+    ConceptAttribution
+    """
+    _check_input(x)
+    conditions = tuple({name: tuple(int(c) for c in channels) for name, channels in cond.items()}
+                       for cond in conditions)
+    if not conditions:
+        raise ValueError("conditions must hold at least one condition ({} is the unconditioned one)")
+    batch, count = x.shape[0], len(conditions)
+    layers = sorted({name for cond in conditions for name in cond})
+    rows = {name: [cond.get(name) for _ in range(batch) for cond in conditions] for name in layers}
+    probes = Probes(record=frozenset(record), conditions=rows, channel_axis=channel_axis)
+    inputs = x.detach().repeat_interleave(count, 0).clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = forward_with_probes(lrp_model, probes, inputs)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise TypeError("lrpx.concepts.attribute explains classifiers ((B, classes) outputs)")
+        classes = _targets(target if target is None else _repeat(target, batch, count, out.device), out)
+        r_out = torch.zeros_like(out).scatter_(1, classes[:, None], 1.0)
+        if initial == "logit":
+            r_out = r_out * out.detach()
+        (relevance,) = torch.autograd.grad(out, inputs, grad_outputs=r_out)
+    _warn_unreached(probes, layers, conditions, batch)
+    recorded = {name: r.unflatten(0, (batch, count)) for name, r in probes.recorded().items()}
+    return ConceptAttribution(relevance.unflatten(0, (batch, count)), recorded, out.detach()[::count],
+                              classes[::count], conditions)
+
+
+def _repeat(target, batch: int, count: int, device) -> Tensor:
+    t = torch.as_tensor(target, device=device)
+    t = t.expand(batch) if t.dim() == 0 else t
+    return t.repeat_interleave(count)
+
+
+def _warn_unreached(probes: Probes, layers: list[str], conditions, batch: int) -> None:
+    """Say so when a condition lets no relevance through (one warning per layer)."""
+    for name in layers:
+        kept = probes.kept.get(name)
+        if kept is None:
+            warnings.warn(f"condition on {name!r}: no relevance reaches that layer (the explained score does not "
+                          "depend on its output); the conditional heatmaps are zero", UserWarning, stacklevel=3)
+            continue
+        empty = [cond[name] for k, cond in enumerate(conditions)
+                 if name in cond and bool((kept.view(batch, len(conditions))[:, k] == 0).all())]
+        if empty:
+            warnings.warn(f"{len(empty)} condition(s) on {name!r} keep channels that receive no relevance (e.g. "
+                          f"{list(empty[0])}); their conditional heatmaps are zero", UserWarning, stacklevel=3)
+
+
+def channel_relevance(relevance: Tensor, *, channel_axis: int = 1, batch_dims: int = 1) -> Tensor:
+    """The relevance of each channel: ``relevance`` summed over every axis but the first
+    ``batch_dims`` and ``channel_axis``; ``(*batch, C)``. For ``ConceptAttribution.recorded``
+    (``(B, N, C, ...)``) pass ``channel_axis=2, batch_dims=2``."""
+    axis = channel_axis % relevance.dim()
+    if axis < batch_dims:
+        raise ValueError(f"channel_axis {channel_axis} falls within the {batch_dims} batch axes")
+    summed = [d for d in range(batch_dims, relevance.dim()) if d != axis]
+    out = relevance.sum(summed) if summed else relevance
+    return out
+
+
+def top_concepts(lrp_model: nn.Module, x: Tensor, target=None, *, layer: str, k: int = 5,
+                 channel_axis: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` channels of ``layer`` with the most relevance for each input's prediction.
+
+    Returns ``(channels, relevance, share)``, each ``(B, k)``: the channel indices, their
+    relevance and their share of the layer's total relevance.
+    """
+    from .explain import explain
+
+    recorded = explain(lrp_model, x, target, record=[layer]).recorded[layer]
+    per_channel = channel_relevance(recorded, channel_axis=channel_axis)
+    if not 1 <= k <= per_channel.shape[-1]:
+        raise ValueError(f"k must be between 1 and the {per_channel.shape[-1]} channels of {layer!r}, got {k}")
+    values, channels = per_channel.topk(k, dim=-1)
+    total = per_channel.sum(-1, keepdim=True)
+    return channels, values, values / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def sub_concepts(lrp_model: nn.Module, x: Tensor, target=None, *, layer: str, channel: int, lower: str,
+                 channel_axis: int = 1) -> Tensor:
+    """The relevance that flows from ``channel`` of ``layer`` to each channel of the lower
+    layer ``lower``: ``(B, C_lower)``."""
+    result = attribute(lrp_model, x, target, conditions=[{layer: [channel]}], record=[lower],
+                       channel_axis=channel_axis)
+    return channel_relevance(result.recorded[lower][:, 0], channel_axis=channel_axis)
