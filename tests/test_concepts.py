@@ -78,6 +78,14 @@ def test_batched_conditions_equal_conditions_one_by_one():
                                        atol=1e-14)
     # a recorded layer that is also conditioned reports the relevance before its own mask
     torch.testing.assert_close(batched.recorded["6"][:, 3], batched.recorded["6"][:, 0], rtol=1e-12, atol=1e-14)
+    # passes of fewer rows than input x conditions give the same result, in the same order
+    for rows in (1, 3, 5):
+        split = concepts.attribute(lrp, x, 0, conditions=conditions, record=["0", "6"], batch_size=rows)
+        torch.testing.assert_close(split.relevance, batched.relevance, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(split.recorded["6"], batched.recorded["6"], rtol=1e-12, atol=1e-14)
+        assert split.conditions == batched.conditions and split.target.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        concepts.attribute(lrp, x, 0, conditions=conditions, batch_size=0)
 
 
 def test_channel_relevance_top_and_sub_concepts():
