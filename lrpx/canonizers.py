@@ -98,7 +98,7 @@ def canonize(model: nn.Module, *, trace: bool = True,
     replaced whole, so their forward code is not traced (``nn.MultiheadAttention``).
     Refuses training mode (BatchNorm folding needs running statistics).
     """
-    model, graph = canonize_graph(model, registry(twins), trace=trace)
+    model, graph = canonize_graph(model, registry(twins, model), trace=trace)
     return graph.materialize(model)
 
 
@@ -112,7 +112,7 @@ def canonize_graph(model: nn.Module, twins: dict[type[nn.Module], type[nn.Module
                          "(lrpx.convert does this on its copy)")
     out_of_place(model)
     whole = tuple(cls for cls, twin in twins.items() if twin is not None)
-    graph = ModelGraph.build(model, trace=trace, whole=whole)
+    graph = ModelGraph.build(model, trace=trace, whole=whole, known=set(twins))
     fold_batchnorms(model, graph)
     rewrite_functional(model, graph)
     return model, graph

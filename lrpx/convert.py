@@ -26,7 +26,7 @@ from .composites import Composite
 from .fusion import fuse_relus
 from .graph import ModelGraph
 from .layers import Add, Product, Twin, registry
-from .rewrite import RESHAPES
+from .rewrite import RESHAPES, unrouted
 from .rules import Rule
 from .signs import mark_nonnegative_inputs
 
@@ -39,18 +39,20 @@ class UnsupportedModuleError(TypeError):
     ``modules`` lists them as ``(qualified name, class)`` pairs (``""`` is the model itself).
     """
 
-    def __init__(self, modules: list[tuple[str, type]]) -> None:
+    def __init__(self, modules: list[tuple[str, type]], reasons: list[str] | None = None) -> None:
         self.modules = list(modules)
+        self.reasons = list(reasons or [])
         lines = "\n".join(f"  '{name or '<root>'}' ({cls.__module__}.{cls.__qualname__})" for name, cls in modules)
+        why = "".join(f"\n  {reason}" for reason in self.reasons)
         super().__init__(
-            "lrpx has no LRP twin for these modules:\n" + lines + "\n"
+            "lrpx has no LRP twin for these modules:\n" + lines + why + "\n"
             "Register one per class: lrpx.convert(model, composite, twins={YourModule: YourTwin}) where "
             "YourTwin subclasses YourModule and lrpx.layers.Twin (see the README, 'Custom layers'), "
             "or map a class to None to keep it as it is (its plain gradient then carries the relevance)."
         )
 
     def __reduce__(self):
-        return type(self), (self.modules,)
+        return type(self), (self.modules, self.reasons)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -103,11 +105,12 @@ def convert(
     if composite is not None and not isinstance(composite, Composite):
         raise TypeError(f"composite must be an lrpx.Composite (e.g. lrpx.composites.epsilon_plus()), "
                         f"got {type(composite).__name__}")
-    twins = registry(twins)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    _check_leaves(target, twins)  # before tracing can fail on them
+    twins = registry(twins, target)
+    opened = _check_leaves(target, twins, trace)  # before tracing can fail on them
     target, graph = canonize_graph(target, twins, trace=trace)
+    _check_opened(graph, opened)
     _check_parameters(target, twins, graph)
     table = (composite or Composite()).table(target, twins)
     _swap(target, table, twins)
@@ -138,13 +141,37 @@ def _swap(model: nn.Module, table: dict[str, Rule], twins: dict) -> None:
         setattr(model.get_submodule(parent) if parent else model, field, made[key])
 
 
-def _check_leaves(model: nn.Module, twins: dict) -> None:
-    """Every leaf has a twin or is kept."""
-    bad = [(name, type(m)) for name, m in model.named_modules()
-           if type(m) not in twins and type(m) not in _CONTAINERS and not isinstance(m, Twin)
-           and not any(True for _ in m.children())]
+def _check_leaves(model: nn.Module, twins: dict, trace: bool) -> list[tuple[str, type]]:
+    """Every leaf has a twin, is kept, or has a forward of its own to trace (returned: its
+    operations become layers, see :func:`_check_opened`)."""
+    unknown = [(name, m) for name, m in model.named_modules()
+               if type(m) not in twins and type(m) not in _CONTAINERS and not isinstance(m, Twin)
+               and not any(True for _ in m.children())]
+    bad = [(name, type(m)) for name, m in unknown
+           if not (trace and name and type(m).forward is not nn.Module.forward)]
     if bad:
         raise UnsupportedModuleError(bad)
+    return [(name, type(m)) for name, m in unknown]
+
+
+def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
+    """The leaves without a twin whose forward was traced compute nothing from the input
+    outside the layers the rewrite made of it (moving, reshaping and joining values aside):
+    an operation without a rule would pass its plain gradient as relevance."""
+    bad, reasons = [], []
+    for name, cls in opened:
+        if name in graph.untraced:
+            why = f"its forward cannot be traced ({graph.untraced[name].splitlines()[0]})"
+        else:
+            ops = unrouted(graph.graphs[name])
+            if not ops:
+                continue
+            why = (f"its forward applies {', '.join(sorted(set(ops)))} to values computed from the input, "
+                   "which take no LRP rule")
+        bad.append((name, cls))
+        reasons.append(f"'{name}': {why}")
+    if bad:
+        raise UnsupportedModuleError(bad, reasons)
 
 
 def _check_parameters(model: nn.Module, twins: dict, graph: ModelGraph) -> None:
@@ -167,7 +194,7 @@ def _parameters_absorb(module: nn.Module, graph: fx.Graph | None) -> bool:
         return False
     own = {name for name, _ in module.named_parameters(recurse=False)}
     uses = [n for n in graph.nodes if n.op == "get_attr" and n.target in own]
-    return len(uses) > 0 and all(_absorbs(module, n) for n in uses)
+    return all(_absorbs(module, n) for n in uses)  # unused: what a rewritten layer reads
 
 
 _JOINS = {torch.cat, torch.stack, torch.concat}

@@ -9,10 +9,12 @@ into layers, ReLU fusion, sign analysis) edit and read these graphs instead of t
 """
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .layers import copy_hooks
@@ -31,15 +33,72 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
-def trace_children_as_leaves(module: nn.Module) -> fx.Graph:
-    """The graph of ``module``'s own forward, each submodule call one node."""
+def trace_children_as_leaves(module: nn.Module, constants: dict | None = None) -> fx.Graph:
+    """The graph of ``module``'s own forward, each submodule call one node.
+
+    ``constants`` fixes arguments of the forward after the first to the given values (say
+    ``shortcut=None``): the code runs the branch those values take, and the graph checks at
+    run time that it is called with them (an ``AssertionError`` that names the argument).
+    """
     tracer = _ChildrenAsLeaves()
     try:
-        return tracer.trace(module)
+        if not constants:
+            return tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=dict(constants))
+        _plain_signature(graph, module, constants)
+        return graph
     finally:
         # fx leaves the tracer in a reference cycle (closures of its patched calls); emptied,
         # it no longer keeps the traced module and its parameters alive until a cyclic gc
         vars(tracer).clear()
+
+
+def _plain_signature(graph: fx.Graph, module: nn.Module, constants: dict) -> None:
+    """Give a graph traced with fixed arguments the forward's own signature back (fx renames
+    the arguments and flattens them through pytrees, which drops their defaults)."""
+    info = getattr(graph._codegen, "pytree_info", None)
+    params = list(inspect.signature(module.forward).parameters.values())
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, param in zip(placeholders, params):
+        node.target = param.name
+        default = constants.get(param.name, param.default)
+        node.args = () if default is inspect.Parameter.empty else (default,)
+    if info is not None and info.out_spec is not None:
+        out = graph.output_node()
+        out.args = (pytree.tree_unflatten(list(out.args[0]), info.out_spec),)
+    graph._codegen = fx.graph.CodeGen()
+
+
+#: argument values a forward may be specialised to
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _fixed_arguments(module: nn.Module, sites: list[fx.Node]) -> dict | None:
+    """The arguments after the first that every call of ``module`` (``sites``, the call nodes
+    in its callers' graphs; none: the defaults) passes as the same constant or leaves at their
+    default (``None``, a flag): tracing with them fixed takes the branch the model takes. ``None`` if the forward
+    takes ``*args``/``**kwargs`` or a call cannot be bound to its signature."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    params = list(signature.parameters.values())
+    if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    values: dict[str, list] = {p.name: [] for p in params[1:]}
+    for site in sites or [None]:  # no call known: the defaults
+        try:
+            given = {} if site is None else signature.bind(*site.args, **site.kwargs).arguments
+        except TypeError:
+            return None
+        for p in params[1:]:
+            values[p.name].append(given.get(p.name, p.default))
+    fixed = {}
+    for name, seen in values.items():
+        first = seen[0] if seen else None
+        if seen and type(first) in _CONSTANTS and all(type(v) is type(first) and v == first for v in seen):
+            fixed[name] = first
+    return fixed
 
 
 def chain_graph(sequential: nn.Sequential) -> fx.Graph:
@@ -77,23 +136,41 @@ class ModelGraph:
     graphs: dict[str, fx.Graph] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
 
+    #: leaves of unknown classes whose forward could not be traced: ``{name: reason}``
+    untraced: dict[str, str] = field(default_factory=dict)
+    #: the class of each traced module (before it becomes a ``GraphModule``)
+    classes: dict[str, type] = field(default_factory=dict)
+
     @classmethod
-    def build(cls, model: nn.Module, *, trace: bool = True, whole: tuple[type[nn.Module], ...] = ()) -> "ModelGraph":
-        """Trace each module of ``model`` once (children of ``whole`` classes are not entered)."""
+    def build(cls, model: nn.Module, *, trace: bool = True, whole: tuple[type[nn.Module], ...] = (),
+              known: frozenset | set = frozenset()) -> "ModelGraph":
+        """Trace each module of ``model`` once (children of ``whole`` classes are not entered;
+        leaves are traced only if their class is not ``known``)."""
         result = cls()
-        result._visit(model, "", trace, whole)
+        result._visit(model, "", trace, whole, known, {})
         return result
 
-    def _visit(self, module: nn.Module, name: str, trace: bool, whole: tuple) -> None:
+    def _visit(self, module: nn.Module, name: str, trace: bool, whole: tuple, known, sites: dict) -> None:
+        self.classes[name] = type(module)
         children = list(module.named_children())
-        if not children or (name and type(module) in whole):
+        if name and type(module) in whole:
+            return
+        if not children:  # a leaf: traced if its class is unknown, to rewrite what its forward does
+            if trace and name and type(module) not in known and _has_forward(module):
+                try:
+                    self.graphs[name] = _trace(module, name, sites.get(name, []))
+                except TraceError as err:
+                    self.untraced[name] = str(err.__cause__ or err)
             return
         if type(module) is nn.Sequential:
             self.graphs[name] = chain_graph(module)
         elif trace and _has_forward(module):
-            self.graphs[name] = _trace(module, name)
+            self.graphs[name] = _trace(module, name, sites.get(name, []))
+        for node in self.graphs[name].nodes if name in self.graphs else ():
+            if node.op == "call_module":
+                sites.setdefault(join(name, node.target), []).append(node)
         for child_name, child in children:
-            self._visit(child, join(name, child_name), trace, whole)
+            self._visit(child, join(name, child_name), trace, whole, known, sites)
 
     def calls(self) -> Counter[str]:
         """How many call nodes of all graphs name each module (by qualified name)."""
@@ -123,9 +200,19 @@ class ModelGraph:
         return model
 
 
-def _trace(module: nn.Module, name: str) -> fx.Graph:
+def _trace(module: nn.Module, name: str, sites: list[fx.Node]) -> fx.Graph:
+    """The graph of ``module``, its arguments fixed to the constants its callers pass (the
+    model's root, called by the user, is traced with free arguments where it can be)."""
+    fixed = _fixed_arguments(module, sites) if sites else None
     try:
-        return trace_children_as_leaves(module)
+        if fixed is None:
+            try:
+                return trace_children_as_leaves(module)
+            except Exception:  # noqa: BLE001 - retried with the defaults, which raises its own error
+                fixed = _fixed_arguments(module, [])
+                if not fixed:
+                    raise
+        return trace_children_as_leaves(module, fixed)
     except Exception as err:  # fx raises many types
         label = f"'{name}'" if name else "the model itself"
         raise TraceError(

@@ -3,7 +3,10 @@
 Tensor additions (ResNet's ``out += identity``) become :class:`lrpx.layers.Add`, products
 :class:`lrpx.layers.Product`, ``F.relu``/``torch.sigmoid``/... activation layers,
 ``F.avg_pool2d``/``F.adaptive_avg_pool2d`` pooling layers, ``x.mean(dims)``
-:class:`lrpx.layers.Mean` and ``F.softmax`` ``nn.Softmax``; in-place calls become out-of-place.
+:class:`lrpx.layers.Mean` and ``F.softmax`` ``nn.Softmax``; ``F.linear``, ``F.conv*d``,
+``F.layer_norm``, ``F.group_norm`` and eval-mode ``F.batch_norm`` with weights the module holds
+(or computes from what it holds, as weight-standardised convolutions do) become the layers
+they compute; ``torch.addcmul`` a product and a sum; in-place calls become out-of-place.
 :func:`rewrite_functional` edits the graphs of a :class:`lrpx.graph.ModelGraph`; the modules
 whose forward changed become ``torch.fx.GraphModule`` objects when the graph is materialised.
 """
@@ -17,15 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ModelGraph
-from .layers import Add, Interpolate, Mean, Product
+from .layers import Add, Interpolate, Matmul, Mean, Product, ScaledDotProductAttention
 
-__all__ = ["rewrite_functional", "RESHAPES", "tags"]
+__all__ = ["rewrite_functional", "RESHAPES", "tags", "unrouted"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _INPLACE_METHODS = {"add_": "add", "relu_": "relu", "mul_": "mul", "sigmoid_": "sigmoid", "clamp_": "clamp",
                     "hardtanh_": "hardtanh", "tanh_": "tanh"}
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
 _GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm}
+#: the parameters of ``F.scaled_dot_product_attention``, in order
+_SDPA = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 #: tensor methods that only reshape, view or repeat their input
 RESHAPES = frozenset({"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "permute",
                       "transpose", "contiguous"})
@@ -50,6 +56,18 @@ _METHODS: dict = {"relu": (nn.ReLU, ()), "sigmoid": (nn.Sigmoid, ()), "tanh": (n
                   "softmax": (nn.Softmax, ("dim", "dtype")), "mean": (Mean, ("dim", "keepdim", "dtype"))}
 
 
+#: functional layers with weights: ``{function: (parameter names, builder)}``, see :func:`_layer_from_call`
+_CONV = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+_WEIGHTED_CALLS: dict = {
+    F.linear: ("input", "weight", "bias"),
+    **dict.fromkeys(_CONV, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def rewrite_functional(model: nn.Module, graph: ModelGraph) -> None:
     """Rewrite the functional operations in the forward code of every traced module of
     ``model`` into layers: the graphs are edited, the new layers become children of their
@@ -72,17 +90,35 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
             node.target = _INPLACE_METHODS[node.target]
             changed = True
     for node in list(graph.nodes):
-        layer = _as_module(node)
+        if node.op == "call_function" and node.target is torch.addcmul:
+            _split_addcmul(graph, node)
+            changed = True
+    kinds = tags(graph)
+    for node in list(graph.nodes):
+        layer = _layer_from_call(module, node, kinds) if node.op == "call_function" else None
         if layer is not None:
-            _replace(module, graph, node, layer, (node.args[0],))
+            new = _replace(module, graph, node, layer, (node.args[0] if node.args else node.kwargs["input"],))
+            kinds[new] = "input"
+            changed = True
+            continue
+        computed = node.args and isinstance(node.args[0], fx.Node) and kinds.get(node.args[0]) == "constant"
+        layer = None if computed else _as_module(node)  # not what only parameters determine
+        if layer is not None:
+            kinds[_replace(module, graph, node, layer, (node.args[0],))] = "input"
             changed = True
         elif node.op == "call_function" and node.target is F.interpolate:
             changed = _rewrite_interpolate(module, graph, node) or changed
+        elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            changed = _rewrite_attention(module, graph, node) or changed
+    if changed:
+        _drop_dead(graph)
     kinds = tags(graph)
     for node in list(graph.nodes):
         new = None
         if _is_product(node):
             new = _rewrite_product(module, graph, node, kinds)
+        elif _is_matmul(node) and all(isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args):
+            new = _replace(module, graph, node, Matmul(), tuple(node.args))
         elif _is_add(node) and all(isinstance(a, fx.Node) and kinds[a] != "meta" for a in node.args) \
                 and "input" in (kinds[a] for a in node.args):
             new = _replace(module, graph, node, Add(), tuple(node.args))
@@ -104,6 +140,103 @@ def _replace(module: nn.Module, graph: fx.Graph, node: fx.Node, layer: nn.Module
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
+
+
+def _drop_dead(graph: fx.Graph) -> None:
+    """Erase the computations nothing reads any more (a rewritten call's weight arithmetic)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("get_attr", "call_function", "call_method") and not node.users and not node.is_impure():
+            graph.erase_node(node)
+
+
+def _split_addcmul(graph: fx.Graph, node: fx.Node) -> None:
+    """``torch.addcmul(a, b, c, value=v)`` as ``a + (b * c) * v``: a product and a sum, which the
+    rewrite then turns into layers."""
+    names = ("input", "tensor1", "tensor2")
+    bound = {**dict(zip(names, node.args)), **node.kwargs}
+    value = bound.get("value", 1)
+    with graph.inserting_before(node):
+        product = graph.call_function(operator.mul, (bound["tensor1"], bound["tensor2"]))
+        if value != 1:
+            product = graph.call_function(operator.mul, (product, value))
+        total = graph.call_function(operator.add, (bound["input"], product))
+    node.replace_all_uses_with(total)
+    graph.erase_node(node)
+
+
+def _evaluate(module: nn.Module, value):
+    """The value of a graph argument computed from ``module``'s parameters, buffers and
+    constants alone (a node tagged "constant")."""
+    if not isinstance(value, fx.Node):
+        return fx.node.map_aggregate(value, lambda v: _evaluate(module, v) if isinstance(v, fx.Node) else v)
+    if value.op == "get_attr":
+        owner, _, attr = value.target.rpartition(".")
+        return getattr(module.get_submodule(owner) if owner else module, attr)
+    args = fx.node.map_arg(value.args, lambda n: _evaluate(module, n))
+    kwargs = fx.node.map_arg(value.kwargs, lambda n: _evaluate(module, n))
+    with torch.no_grad():
+        if value.op == "call_function":
+            return value.target(*args, **kwargs)
+        if value.op == "call_method":
+            return getattr(args[0], value.target)(*args[1:], **kwargs)
+        if value.op == "call_module":
+            return module.get_submodule(value.target)(*args, **kwargs)
+    raise ValueError(f"cannot evaluate {value.op} node {value.name}")
+
+
+def _as_parameter(value) -> nn.Parameter | None:
+    """A Parameter the module holds as it is, or a frozen one for a weight it computes."""
+    if value is None or isinstance(value, nn.Parameter):
+        return value
+    return nn.Parameter(value.detach(), requires_grad=False)
+
+
+def _layer_from_call(module: nn.Module, node: fx.Node, kinds: dict[fx.Node, str]) -> nn.Module | None:
+    """The layer a functional ``F.linear``/``F.conv*d``/``F.layer_norm``/``F.group_norm``/eval-mode
+    ``F.batch_norm`` call computes, sharing the module's parameters (``None``: not such a call,
+    or its weights depend on the input)."""
+    names = _WEIGHTED_CALLS.get(node.target)
+    if names is None or len(node.args) > len(names):
+        return None
+    bound = {**dict(zip(names, node.args)), **node.kwargs}
+    if set(bound) - set(names) or not isinstance(bound.get("input"), fx.Node) or kinds[bound["input"]] != "input":
+        return None
+    if any(isinstance(v, fx.Node) and kinds[v] != "constant" for k, v in bound.items() if k != "input"):
+        return None
+    values = {k: _evaluate(module, v) for k, v in bound.items() if k != "input"}
+    weight, bias = _as_parameter(values.get("weight")), _as_parameter(values.get("bias"))
+    fn = node.target
+    if fn is F.linear:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    elif fn in _CONV:
+        groups = values.get("groups", 1)
+        layer = _CONV[fn](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                          stride=values.get("stride", 1), padding=values.get("padding", 0),
+                          dilation=values.get("dilation", 1), groups=groups, bias=bias is not None, device="meta")
+    elif fn is F.layer_norm:
+        if weight is None and bias is not None:
+            return None
+        layer = nn.LayerNorm(values["normalized_shape"], eps=values.get("eps", 1e-5),
+                             elementwise_affine=weight is not None, bias=bias is not None, device="meta")
+    elif fn is F.group_norm:
+        if (weight is None) != (bias is None):
+            return None
+        groups = values["num_groups"]
+        layer = nn.GroupNorm(groups, groups if weight is None else weight.numel(), eps=values.get("eps", 1e-5),
+                             affine=weight is not None, device="meta")
+    else:  # batch_norm: in eval mode with running statistics, as the module's own BatchNorm class
+        cls = next((c for c in _BATCHNORMS if isinstance(module, c)), None)
+        if cls is None or values.get("training", False) or values.get("running_mean") is None:
+            return None
+        layer = cls(values["running_mean"].numel(), eps=values.get("eps", 1e-5), affine=weight is not None,
+                    device="meta").eval()
+        layer.running_mean, layer.running_var = values["running_mean"], values["running_var"]
+        layer.num_batches_tracked = None
+    if weight is not None:
+        layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
 
 
 def _rewrite_interpolate(module: nn.Module, graph: fx.Graph, node: fx.Node) -> bool:
@@ -175,6 +308,25 @@ def tags(graph: fx.Graph) -> dict[fx.Node, str]:
     return found_tags
 
 
+def _is_matmul(node: fx.Node) -> bool:
+    is_matmul = (node.op == "call_function" and node.target in _MATMULS) or \
+                (node.op == "call_method" and node.target in ("matmul", "bmm"))
+    return is_matmul and len(node.args) == 2 and not node.kwargs
+
+
+def _rewrite_attention(module: nn.Module, graph: fx.Graph, node: fx.Node) -> bool:
+    """``F.scaled_dot_product_attention(q, k, v, ...)`` as a :class:`ScaledDotProductAttention`
+    layer (its other arguments, the mask above all, may be computed at run time)."""
+    if len(node.args) > len(_SDPA):
+        return False
+    bound = {**dict(zip(_SDPA, node.args)), **node.kwargs}
+    if set(bound) - set(_SDPA) or len(bound) < 3:
+        return False
+    operands = tuple(bound.pop(k) for k in _SDPA[:3])
+    _replace(module, graph, node, ScaledDotProductAttention(), operands, bound)
+    return True
+
+
 def _is_add(node: fx.Node) -> bool:
     is_add = (node.op == "call_function" and node.target in _ADDS) or \
              (node.op == "call_method" and node.target == "add")
@@ -206,3 +358,34 @@ def _is_gate(module: nn.Module, node: fx.Node) -> bool:
             (node.op == "call_function" and node.target is operator.getitem):  # g[:, :, None, None]
         node = node.args[0]
     return node.op == "call_module" and isinstance(module.get_submodule(node.target), _GATES)
+
+
+#: what forward code may do to values from the input outside of layers: move, reshape,
+#: select and join them (their gradient routes relevance unchanged)
+_ROUTING_METHODS = RESHAPES | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow", "select",
+                               "repeat", "tile", "to", "type", "float", "double", "half", "bfloat16", "clone",
+                               "unflatten", "movedim", "swapaxes", "view_as", "reshape_as", "squeeze_",
+                               "unsqueeze_"}
+_ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
+                      torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
+                      torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
+                      torch.swapaxes, torch.unflatten, torch.tile, torch.repeat_interleave,
+                      # the winner of max pooling takes the relevance; dropout is the identity in eval
+                      F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                      F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+
+
+def unrouted(graph: fx.Graph) -> list[str]:
+    """The operations of a traced forward that change values from the input outside of a
+    layer (what is left after :func:`rewrite_functional`), as ``"name (target)"`` strings."""
+    kinds = tags(graph)
+    bad = []
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or kinds[node] != "input":
+            continue
+        if (node.op == "call_method" and node.target in _ROUTING_METHODS) or \
+                (node.op == "call_function" and node.target in _ROUTING_FUNCTIONS):
+            continue
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        bad.append(f"{target}")
+    return bad

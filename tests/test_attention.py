@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import lrpx
-from lrpx.layers.attention import ATTENTION_TWINS, LRPMultiheadAttention, LRPSoftmax, lrp_matmul, lrp_softmax
+from lrpx.layers.attention import (ATTENTION_TWINS, LRPMultiheadAttention, LRPSoftmax, ScaledDotProductAttention,
+                                   lrp_matmul, lrp_softmax)
 from lrpx.rules import Epsilon, Taylor
 
 DT = torch.float64
@@ -488,7 +489,8 @@ def test_convert_tiny_model_traced():
 
 
 def test_attention_twins_registry():
-    assert ATTENTION_TWINS == {nn.MultiheadAttention: LRPMultiheadAttention, nn.Softmax: LRPSoftmax}
+    assert ATTENTION_TWINS == {nn.MultiheadAttention: LRPMultiheadAttention, nn.Softmax: LRPSoftmax,
+                               ScaledDotProductAttention: ScaledDotProductAttention}
     assert LRPMultiheadAttention.lrp_kind == "weighted"
 
 

@@ -160,13 +160,46 @@ def _attention_absorbed(m: nn.MultiheadAttention, inputs, R) -> torch.Tensor:
     return R.sum() - torch.as_tensor(r_q.sum() + r_k.sum() + r_v.sum())
 
 
+def _matmul_parts(a, b, R, e):
+    """R_a, R_b of the AttnLRP matmul rule (epsilon on each factor, half each)."""
+    S = R / stab(2 * (a @ b), e)
+    return a * (S @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ S)
+
+
+def _sdpa_absorbed(m, inputs, kwargs, R) -> torch.Tensor:
+    """R_out minus R_in of scaled dot-product attention, written out from the rules: scale
+    and mask pass, the two products take the matmul rule, the softmax the Taylor rule."""
+    q, k, v = inputs[:3]
+    e = m.rule.epsilon
+    scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+    qs = q * scale
+    scores = qs @ k.transpose(-2, -1)
+    masked = scores
+    mask = kwargs.get("attn_mask")
+    if kwargs.get("is_causal"):
+        masked = masked.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        masked = masked.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else masked + mask
+    A = torch.softmax(masked, -1)
+    R_A, R_v = _matmul_parts(A, v, R, e)
+    R_s = torch.nan_to_num(masked * (R_A - A * R_A.sum(-1, keepdim=True)), nan=0.0).masked_fill(masked == float("-inf"), 0)
+    R_q, R_k = _matmul_parts(qs, k.transpose(-2, -1), R_s, e)
+    return R.sum() - (R_q.sum() + R_k.sum() + R_v.sum())
+
+
 class Recorder:
     """Records (module, input, output, output relevance) for every LRP layer call."""
 
     def __init__(self, model: nn.Module):
         self.calls = []
+        self._kwargs = {}
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
                         if isinstance(m, lrpx.layers.Twin)]
+        self.handles += [m.register_forward_pre_hook(self._keep_kwargs, with_kwargs=True) for m in model.modules()
+                         if isinstance(m, lrpx.layers.ScaledDotProductAttention)]
+
+    def _keep_kwargs(self, module, args, kwargs):
+        self._kwargs[id(module)] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
     def _hook(self, module, args, output):
         if isinstance(output, tuple):  # MultiheadAttention: (output, weights)
@@ -174,7 +207,8 @@ class Recorder:
         # detached: an entry must not hold the tensor its hook hangs on (a FusedReLU returns its
         # input), or the two would form a cycle the garbage collector cannot see through
         inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        entry = {"module": module, "inputs": inputs, "output": output.detach(), "relevance": None}
+        entry = {"module": module, "inputs": inputs, "output": output.detach(), "relevance": None,
+                 "kwargs": dict(self._kwargs.pop(id(module), {}))}
         self.calls.append(entry)
         output.register_hook(lambda grad, e=entry: e.__setitem__("relevance", grad))
 
@@ -186,6 +220,11 @@ class Recorder:
                 continue
             if isinstance(m, nn.MultiheadAttention):
                 total = total + _attention_absorbed(m, c["inputs"], R)
+            elif isinstance(m, lrpx.layers.ScaledDotProductAttention):
+                total = total + _sdpa_absorbed(m, c["inputs"], c["kwargs"], R)
+            elif isinstance(m, lrpx.layers.Matmul):
+                r_a, r_b = _matmul_parts(*c["inputs"][:2], R, m.rule.epsilon)
+                total = total + R.sum() - r_a.sum() - r_b.sum()
             elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
                 total = total + _norm_absorbed(m, c["inputs"][0].detach(), c["output"], R)
             elif isinstance(m, Add):

@@ -15,16 +15,17 @@ from torch import nn
 
 from ..rules.base import Rule
 from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, FusedReLU
-from .attention import ATTENTION_TWINS
+from .attention import ATTENTION_TWINS, ScaledDotProductAttention
 from .base import Twin, copy_hooks, has_hooks
-from .merge import Add, Product
+from .merge import Add, Matmul, Product
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
                       LRPAdaptiveAvgPool3d, LRPAvgPool1d, LRPAvgPool2d, LRPAvgPool3d, Mean)
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Product", "Interpolate", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
+__all__ = ["Twin", "Add", "Mean", "Product", "Matmul", "ScaledDotProductAttention", "Interpolate", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
+           "inherited",
            "batchnorm_affine",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
            "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
@@ -73,6 +74,7 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     Add: Add,
     Mean: Mean,
     Product: Product,
+    Matmul: Matmul,
     **UPSAMPLE_TWINS,
     **ACTIVATION_TWINS,
     **NORM_TWINS,
@@ -91,10 +93,11 @@ def default_twins() -> dict[type[nn.Module], type[nn.Module] | None]:
     return dict(_TWINS)
 
 
-def registry(twins: dict[type[nn.Module], type[nn.Module] | None] | None = None
+def registry(twins: dict[type[nn.Module], type[nn.Module] | None] | None = None, model: nn.Module | None = None
              ) -> dict[type[nn.Module], type[nn.Module] | None]:
     """The default registry updated by a user's ``twins`` (checked: each twin class declares a
-    kind of layer and can be built ``from_module``)."""
+    kind of layer and can be built ``from_module``), and, given a ``model``, with the subclasses
+    it uses that compute what a registered class computes (see :func:`inherited`)."""
     merged = default_twins()
     for cls, twin_cls in (twins or {}).items():
         if twin_cls is not None and (not isinstance(twin_cls, type) or not issubclass(twin_cls, Twin)):
@@ -104,7 +107,25 @@ def registry(twins: dict[type[nn.Module], type[nn.Module] | None] | None = None
             raise TypeError(f"twin class {twin_cls.__name__} must declare lrp_kind, one of "
                             "'weighted', 'elementwise', 'sum', 'normalization', 'softmax', 'bilinear', 'product'")
         merged[cls] = twin_cls
+    for module in () if model is None else model.modules():
+        base = inherited(type(module), merged)
+        if base is not None:
+            merged[type(module)] = merged[base]
     return merged
+
+
+def inherited(cls: type[nn.Module], table: dict) -> type[nn.Module] | None:
+    """The registered class whose twin a subclass ``cls`` takes: its nearest base in ``table``,
+    if ``cls`` is not registered itself and runs that base's ``forward`` (a subclass that only
+    adds attributes or methods computes the same). A subclass with a forward of its own is
+    not adopted; ``convert`` traces that forward instead, so that what it computes is what
+    gets rules. Twins are never adopted (a converted model is not converted again)."""
+    if cls in table or issubclass(cls, Twin):
+        return None
+    for base in cls.__mro__[1:]:
+        if base in table:
+            return base if cls.forward is base.forward else None
+    return None
 
 
 def kind_of(module: nn.Module, twins: dict | None = None) -> str | None:

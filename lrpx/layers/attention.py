@@ -35,8 +35,10 @@ from ..rules.attention import Taylor, Uniform
 from ..rules.base import Rule
 from ..rules.elementwise import Pass
 from .base import Twin
+from .merge import _OwnLayer
 
-__all__ = ["lrp_softmax", "lrp_matmul", "LRPSoftmax", "LRPMultiheadAttention", "ATTENTION_TWINS"]
+__all__ = ["lrp_softmax", "lrp_matmul", "LRPSoftmax", "LRPMultiheadAttention", "ScaledDotProductAttention",
+           "ATTENTION_TWINS"]
 
 _LINEAR = LinearOps()
 _MATMUL = MatmulOps()
@@ -245,8 +247,56 @@ class LRPMultiheadAttention(Twin, nn.MultiheadAttention):
         return mask
 
 
+class ScaledDotProductAttention(_OwnLayer):
+    r"""``F.scaled_dot_product_attention`` in forward code (timm's and Hugging Face's fused
+    attention), written out as its math with the AttnLRP rules:
+    :math:`O = \mathrm{softmax}(s\, q k^\top + M)\, v`, the two matrix products with this
+    layer's rule (:class:`lrpx.rules.Uniform`, see :func:`lrp_matmul`), the softmax with
+    :class:`lrpx.rules.Taylor` (:func:`lrp_softmax`); the scale :math:`s` (``scale``, by
+    default :math:`1/\sqrt{d}`) and the mask :math:`M` pass relevance unchanged.
+
+    Takes the arguments of ``F.scaled_dot_product_attention``: a bool ``attn_mask`` marks the
+    positions that take part (``True``), a float one is added to the scores; ``is_causal``
+    masks the upper triangle; ``enable_gqa`` repeats the key/value heads to the query heads.
+    Dropout (``dropout_p > 0``) raises ``RuntimeError``: relevance is defined in eval mode.
+    """
+
+    lrp_kind = "bilinear"
+
+    def __init__(self, rule: Rule | None = None) -> None:
+        super().__init__(Uniform(DEFAULT_EPSILON) if rule is None else rule)
+
+    @classmethod
+    def from_module(cls, module: "ScaledDotProductAttention", rule: Rule) -> "ScaledDotProductAttention":
+        return cls(rule)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                enable_gqa: bool = False) -> Tensor:
+        if dropout_p:
+            raise RuntimeError(f"scaled_dot_product_attention with dropout_p={dropout_p}: relevance is defined "
+                               "in eval mode (call .eval() on the model)")
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            repeats = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+        factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        query = lrp_apply(ElementwiseOps(partial(torch.mul, other=factor)), _PASS, query)
+        scores = lrp_matmul(query, key.transpose(-2, -1), rule=self.rule)
+        length, source = query.shape[-2], key.shape[-2]
+        if is_causal:
+            allowed = torch.ones(length, source, dtype=torch.bool, device=query.device).tril_()
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask  # a constant: relevance passes to the scores unchanged
+        return lrp_matmul(lrp_softmax(scores, -1), value, rule=self.rule)
+
+
 #: ``{torch class: twin class}`` of the attention layers
 ATTENTION_TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.MultiheadAttention: LRPMultiheadAttention,
     nn.Softmax: LRPSoftmax,
+    ScaledDotProductAttention: ScaledDotProductAttention,
 }

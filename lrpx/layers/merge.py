@@ -1,5 +1,6 @@
 """Layers for the sums and products that forward code writes as operators: ``Add`` replaces
-``a + b`` and ``Product`` replaces ``a * b`` / ``a / b`` when ``convert`` traces a model."""
+``a + b``, ``Product`` ``a * b`` / ``a / b`` and ``Matmul`` ``a @ b`` of two activations when
+``convert`` traces a model."""
 from __future__ import annotations
 
 import operator
@@ -7,15 +8,16 @@ import operator
 from torch import Tensor, nn
 
 from ..core import lrp_apply
-from ..ops import ElementwiseOps, ProductOps, SumOps
+from ..ops import ElementwiseOps, MatmulOps, ProductOps, SumOps
 from ..rules.base import Rule
 from ..rules.attention import Uniform
 from ..rules.elementwise import Norm, Pass
 from .base import Twin
 
-__all__ = ["Add", "Product"]
+__all__ = ["Add", "Product", "Matmul"]
 
 _SUM = SumOps()
+_MATMUL = MatmulOps()
 _PASS = Pass()
 
 
@@ -104,3 +106,24 @@ class Product(_OwnLayer):
     def extra_repr(self) -> str:
         who = "half each" if self.signal is None else f"signal={self.signal}"
         return f"{'divide' if self.divide else 'multiply'}, {who}, rule={self.rule!r}"
+
+
+class Matmul(_OwnLayer):
+    r"""``a @ b`` of two activations in forward code (attention scores ``q @ k.T``, attention
+    times values), with the AttnLRP product rule (:class:`lrpx.rules.Uniform`: the epsilon
+    rule on each factor, relevance split evenly between them; see
+    :func:`lrpx.layers.attention.lrp_matmul`)."""
+
+    lrp_kind = "bilinear"
+
+    def __init__(self, rule: Rule | None = None) -> None:
+        super().__init__(Uniform(1e-6) if rule is None else rule)
+
+    @classmethod
+    def from_module(cls, module: "Matmul", rule: Rule) -> "Matmul":
+        return cls(rule)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.dim() < 2 or b.dim() < 2:
+            return a @ b  # a vector product: its gradient (no rule for this case)
+        return lrp_apply(_MATMUL, self.rule, (a, b))

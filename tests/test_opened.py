@@ -1,0 +1,250 @@
+"""Layers without a twin of their own: subclasses of torch layers, leaves whose forward code is
+traced and rewritten, forwards with optional arguments (traced with the values their callers
+pass), and attention written with ``@`` or ``F.scaled_dot_product_attention``; each checked
+against an explicit computation of the rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lrpx
+from lrpx.rules import Epsilon
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DT = torch.float64
+
+
+def stab(z, e):
+    return z + e * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def epsilon_linear(x, w, b, R, e):
+    """Input relevance of ``x @ w.T + b`` under the epsilon rule."""
+    z = x @ w.T + b
+    return x * ((R / stab(z, e)) @ w)
+
+
+def relevance(model, x, R):
+    xin = x.clone().requires_grad_()
+    out = model(xin)
+    return torch.autograd.grad(out, xin, R)[0], out.detach()
+
+
+class FunctionalLinear(nn.Linear):
+    """A subclass with a forward of its own (as timm's Linear)."""
+
+    def forward(self, input):
+        return F.linear(input, self.weight, self.bias)
+
+
+class PlainSubclass(nn.Linear):
+    """A subclass that only adds a method: it runs nn.Linear's forward."""
+
+    def describe(self):
+        return "linear"
+
+
+class StandardisedConv(nn.Conv2d):
+    """A weight-standardised convolution: the standardised weight is the linear map's weight."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("cls", [FunctionalLinear, PlainSubclass])
+def test_subclasses_of_linear_take_the_epsilon_rule(cls):
+    torch.manual_seed(0)
+    layer = cls(5, 3).double()
+    model = nn.Sequential(layer).eval()
+    lrp = lrpx.convert(model, lrpx.Composite(default=Epsilon(0.1)))
+    x, R = torch.randn(4, 5, dtype=DT), torch.randn(4, 3, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(rel, epsilon_linear(x, layer.weight.detach(), layer.bias.detach(), R, 0.1),
+                               rtol=1e-12, atol=1e-14)
+    assert type(model[0]) is cls  # the original is untouched
+
+
+def test_weight_standardised_convolution_is_the_convolution_with_its_standardised_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardisedConv(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 16, 2)).double().eval()
+    w = model[0].weight.detach()
+    w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+    plain = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2)).double()
+    plain.load_state_dict({"0.weight": w, "0.bias": model[0].bias, "3.weight": model[3].weight,
+                           "3.bias": model[3].bias})
+    composite = lrpx.composites.epsilon_plus()
+    x, R = torch.randn(2, 2, 4, 4, dtype=DT), torch.randn(2, 2, dtype=DT)
+    got, out = relevance(lrpx.convert(model, composite), x, R)
+    expected, ref = relevance(lrpx.convert(plain.eval(), composite), x, R)
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.tensor([0.5, -2.0, 3.0], dtype=DT))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+def test_leaves_without_twins_are_traced_into_layers():
+    lrp = lrpx.convert(nn.Sequential(Scale(), Square()).eval())
+    x, R = torch.tensor([[1.0, 2.0, -1.0]], dtype=DT), torch.tensor([[0.3, -0.2, 1.5]], dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    torch.testing.assert_close(out, (x * torch.tensor([0.5, -2.0, 3.0], dtype=DT)) ** 2)
+    # a constant factor passes the relevance, the two halves of a square both reach x
+    torch.testing.assert_close(rel, R, rtol=1e-14, atol=1e-14)
+
+
+class Exp(nn.Module):
+    def forward(self, x):
+        return x.exp() + 1
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_leaves_that_compute_without_a_rule_are_refused_with_the_reason():
+    model = nn.Sequential(nn.Linear(3, 3), Exp(), nn.Sequential(Branchy()), nn.Linear(3, 1))
+    with pytest.raises(lrpx.UnsupportedModuleError) as info:
+        lrpx.convert(model)
+    assert info.value.modules == [("1", Exp), ("2.0", Branchy)]
+    msg = str(info.value)
+    assert "'1': its forward applies add, exp to values computed from the input, which take no LRP rule" in msg
+    assert "'2.0': its forward cannot be traced" in msg and "twins=" in msg
+
+
+class Block(nn.Module):
+    """A residual block whose shortcut is optional (as DLA's): ``None`` means the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Linear(4, 4)
+
+    def forward(self, x, shortcut=None, scale: bool = False):
+        if shortcut is None:
+            shortcut = x
+        out = self.conv(x) + shortcut
+        return out * 2 if scale else out
+
+
+class Tree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = Block(), Block(), Block()
+
+    def forward(self, x):
+        y = self.first(x)  # shortcut left at None
+        z = self.second(y, x)  # shortcut given
+        return self.third(z, None, True)
+
+
+def test_optional_arguments_are_traced_with_what_the_callers_pass():
+    torch.manual_seed(0)
+    model = Tree().double().eval()
+    for block in (model.first, model.second, model.third):
+        nn.init.zeros_(block.conv.bias)
+    lrp = lrpx.convert(model, lrpx.Composite(default=Epsilon(1e-12), sum=lrpx.rules.Norm(1e-12)))
+    x = torch.randn(3, 4, dtype=DT)
+    with torch.no_grad():
+        torch.testing.assert_close(lrp(x), model(x), rtol=1e-14, atol=1e-14)
+    R = torch.rand(3, 4, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    # no biases, every sum the Norm rule, every layer epsilon, the factor 2 passes: conserved
+    torch.testing.assert_close(rel.sum(), R.sum(), rtol=1e-9, atol=1e-12)
+    # a shortcut traced as the tensor it never is would fail here (Tensor + None)
+    assert sum(isinstance(m, lrpx.layers.Add) for m in lrp.modules()) == 3
+    with pytest.raises(AssertionError, match="scale has been specialized to have value True"):
+        lrp.third(x, None, False)
+
+
+class Attention(nn.Module):
+    """Self-attention written as timm and Hugging Face write it (fused or with ``@``), with an
+    optional additive mask held by the module."""
+
+    def __init__(self, fused: bool, causal: bool = False, mask: torch.Tensor | None = None):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.fused, self.causal = fused, causal
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        else:
+            a = (q * 0.5) @ k.transpose(-2, -1)
+            if self.mask is not None:
+                a = a + self.mask  # a sum with a constant: Norm(0) passes the relevance to a
+            o = a.softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(b, n, 8))
+
+
+def attention_oracle(model, x, R, e, mask=None, causal=False):
+    """Input relevance of ``Attention`` from the AttnLRP rules, step by step."""
+    w, bq = model.qkv.weight.detach(), model.qkv.bias.detach()
+    b, n, _ = x.shape
+    qkv = x @ w.T + bq
+    heads = qkv.reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    q, k, v = heads[0] * 0.5, heads[1], heads[2]
+    s = q @ k.transpose(-2, -1)
+    if causal:
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        s = s + mask
+    A = torch.softmax(s, -1)
+    o = A @ v
+    z = o.transpose(1, 2).reshape(b, n, 8)
+    R_z = epsilon_linear(z, model.proj.weight.detach(), model.proj.bias.detach(), R, e)
+    R_o = R_z.reshape(b, n, 2, 4).transpose(1, 2)
+    S = R_o / stab(2 * o, e)
+    R_A, R_v = A * (S @ v.transpose(-2, -1)), v * (A.transpose(-2, -1) @ S)
+    R_s = torch.where(torch.isinf(s), 0.0, s * (R_A - A * R_A.sum(-1, keepdim=True)))
+    S = R_s / stab(2 * (q @ k.transpose(-2, -1)), e)
+    R_q, R_k = q * (S @ k), k * (S.transpose(-2, -1) @ q)
+    R_qkv = torch.stack([R_q, R_k, R_v]).permute(1, 3, 0, 2, 4).reshape(b, n, 24)
+    return epsilon_linear(x, w, bq, R_qkv, e)
+
+
+@pytest.mark.parametrize("fused,causal,masked", [(False, False, False), (False, False, True), (True, False, False),
+                                                 (True, True, False), (True, False, True)])
+def test_attention_in_forward_code_takes_the_attnlrp_rules(fused, causal, masked):
+    torch.manual_seed(0)
+    mask = torch.zeros(5, 5, dtype=DT).masked_fill(torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.3,
+                                                   float("-inf")).fill_diagonal_(0) if masked else None
+    attention = Attention(fused, causal, mask).double()
+    model = nn.Sequential(attention).eval()
+    e = 1e-3  # the fused op scales by 1/sqrt(4) = 0.5 itself, as the written-out form does
+    composite = lrpx.Composite(default=Epsilon(e), sum=lrpx.rules.Norm(0.0), kinds={"bilinear": lrpx.rules.Uniform(e)})
+    lrp = lrpx.convert(model, composite)
+    x, R = torch.randn(2, 5, 8, dtype=DT), torch.randn(2, 5, 8, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rel, attention_oracle(attention, x, R, e, mask, causal), rtol=1e-9, atol=1e-12)
+    layers = {type(m).__name__ for m in lrp.modules()}
+    assert ("ScaledDotProductAttention" in layers) == fused and ("Matmul" in layers) != fused
+
+
+def test_scaled_dot_product_attention_refuses_dropout():
+    layer = lrpx.layers.ScaledDotProductAttention()
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="dropout_p=0.1: relevance is defined in eval mode"):
+        layer(q, q, q, dropout_p=0.1)
+    gqa = layer(q, q[:, :1], q[:, :1], enable_gqa=True)
+    torch.testing.assert_close(gqa, F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True))
