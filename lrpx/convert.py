@@ -25,9 +25,10 @@ from .canonizers import canonize_graph
 from .composites import Composite
 from .fusion import fuse_relus
 from .graph import ModelGraph
-from .layers import Add, Product, Twin, registry
-from .rewrite import RESHAPES, unrouted
-from .rules import Rule
+from .layers import Twin, registry
+from .rewrite import ROUTING_FUNCTIONS, ROUTING_METHODS, tags, unrouted
+from .oplevel import OpRules
+from .rules import Epsilon, Rule
 from .signs import mark_nonnegative_inputs
 
 __all__ = ["convert", "rule_table", "UnsupportedModuleError"]
@@ -112,14 +113,38 @@ def convert(
     target, graph = canonize_graph(target, twins, trace=trace)
     _check_opened(graph, opened)
     _check_parameters(target, twins, graph)
-    table = (composite or Composite()).table(target, twins)
+    composite = composite or Composite()
+    table = composite.table(target, twins)
     _swap(target, table, twins)
     if fuse:
         fuse_relus(target, graph)
     target = graph.materialize(target)
+    _rules_at_run_time(target, graph, composite)
     mark_nonnegative_inputs(target, graph)
     target.lrpx_graph = graph  # for relevance at named layers (lrpx.record)
     return target.eval()
+
+
+_OPLEVEL_CLASSES: dict[type, type] = {}
+
+
+def _rules_at_run_time(model: nn.Module, graph: ModelGraph, composite: Composite) -> None:
+    """Give each module whose forward could not be traced a class that runs that forward with
+    its operations under their rules (:class:`lrpx.oplevel.OpRules`): the composite's rule of
+    each kind of layer."""
+    rules = dict(composite.kinds)
+    rules.setdefault("weighted", Epsilon())
+    for name in graph.oplevel:
+        module = model.get_submodule(name) if name else model
+        cls = type(module)
+        if cls not in _OPLEVEL_CLASSES:
+            def forward(self, *args, _forward=cls.forward, **kwargs):
+                with OpRules(self.lrpx_rules):
+                    return _forward(self, *args, **kwargs)
+            _OPLEVEL_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                                "__qualname__": cls.__qualname__})
+        module.__class__ = _OPLEVEL_CLASSES[cls]
+        module.lrpx_rules = rules
 
 
 def _swap(model: nn.Module, table: dict[str, Rule], twins: dict) -> None:
@@ -183,7 +208,7 @@ def _check_parameters(model: nn.Module, twins: dict, graph: ModelGraph) -> None:
         if type(module) in twins or type(module) in _CONTAINERS or isinstance(module, Twin):
             continue
         owns_parameters = any(True for _ in module.parameters(recurse=False))
-        if owns_parameters and not _parameters_absorb(module, graph.graphs.get(name)):
+        if owns_parameters and name not in graph.oplevel and not _parameters_absorb(module, graph.graphs.get(name)):
             bad.append((name, type(module)))
     if bad:
         raise UnsupportedModuleError(bad)
@@ -194,19 +219,27 @@ def _parameters_absorb(module: nn.Module, graph: fx.Graph | None) -> bool:
         return False
     own = {name for name, _ in module.named_parameters(recurse=False)}
     uses = [n for n in graph.nodes if n.op == "get_attr" and n.target in own]
-    return all(_absorbs(module, n) for n in uses)  # unused: what a rewritten layer reads
+    kinds = tags(graph)
+    return all(_absorbs(module, n, kinds) for n in uses)  # unused: what a rewritten layer reads
 
 
 _JOINS = {torch.cat, torch.stack, torch.concat}
 
 
-def _absorbs(module: nn.Module, node: fx.Node) -> bool:
+def _absorbs(module: nn.Module, node: fx.Node, kinds: dict[fx.Node, str]) -> bool:
+    """Whether a parameter, or what is computed from parameters alone (a clamped scale, a
+    bias table indexed and permuted), reaches only layers and submodules: sums, products and
+    attention masks give it its share of relevance as they give a bias, a submodule takes it
+    as an input (CaiT's class token), and joined to the activations it is one of them."""
     for user in node.users:
-        if user.op == "call_module" and isinstance(module.get_submodule(user.target), (Product, Add)):
+        if user.op == "call_module" or (user.op == "call_function" and user.target in _JOINS):
             continue
-        if user.op == "call_function" and user.target in _JOINS:
+        if user.op in ("call_method", "call_function") and kinds.get(user) == "constant" and \
+                _absorbs(module, user, kinds):
             continue
-        if user.op == "call_method" and user.target in RESHAPES and user.args[0] is node and _absorbs(module, user):
+        moves = (user.op == "call_method" and user.target in ROUTING_METHODS) or \
+                (user.op == "call_function" and user.target in ROUTING_FUNCTIONS)
+        if moves and user.args and user.args[0] is node and _absorbs(module, user, kinds):
             continue
         return False
     return True

@@ -9,11 +9,13 @@ into layers, ReLU fusion, sign analysis) edit and read these graphs instead of t
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch.fx as fx
+import torch.fx._symbolic_trace as _symbolic_trace
 import torch.utils._pytree as pytree
 from torch import nn
 
@@ -40,6 +42,11 @@ def trace_children_as_leaves(module: nn.Module, constants: dict | None = None) -
     ``shortcut=None``): the code runs the branch those values take, and the graph checks at
     run time that it is called with them (an ``AssertionError`` that names the argument).
     """
+    with _inlined(type(module).__module__):
+        return _trace_once(module, constants)
+
+
+def _trace_once(module: nn.Module, constants: dict | None) -> fx.Graph:
     tracer = _ChildrenAsLeaves()
     try:
         if not constants:
@@ -51,6 +58,23 @@ def trace_children_as_leaves(module: nn.Module, constants: dict | None = None) -
         # fx leaves the tracer in a reference cycle (closures of its patched calls); emptied,
         # it no longer keeps the traced module and its parameters alive until a cyclic gc
         vars(tracer).clear()
+
+
+@contextlib.contextmanager
+def _inlined(module_name: str):
+    """Trace into the functions that the module's own source file marks ``torch.fx.wrap`` (kept
+    as one opaque call otherwise, as torchvision's ``shifted_window_attention``), so that the
+    operations inside them get their rules, or fail (they branch on sizes, which is why they
+    are wrapped) and leave the module to rules at run time; other files' wrapped functions
+    stay calls."""
+    table = _symbolic_trace._wrapped_fns_to_patch
+    own = {key: value for key, value in table.items() if value.get("__name__") == module_name}
+    for key in own:
+        del table[key]
+    try:
+        yield
+    finally:
+        table.update(own)
 
 
 def _plain_signature(graph: fx.Graph, module: nn.Module, constants: dict) -> None:
@@ -140,6 +164,9 @@ class ModelGraph:
     untraced: dict[str, str] = field(default_factory=dict)
     #: the class of each traced module (before it becomes a ``GraphModule``)
     classes: dict[str, type] = field(default_factory=dict)
+    #: modules with children whose forward could not be traced: their operations take their
+    #: rules at run time (:mod:`lrpx.oplevel`); ``{name: reason}``
+    oplevel: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: nn.Module, *, trace: bool = True, whole: tuple[type[nn.Module], ...] = (),
@@ -165,7 +192,10 @@ class ModelGraph:
         if type(module) is nn.Sequential:
             self.graphs[name] = chain_graph(module)
         elif trace and _has_forward(module):
-            self.graphs[name] = _trace(module, name, sites.get(name, []))
+            try:
+                self.graphs[name] = _trace(module, name, sites.get(name, []))
+            except TraceError as err:
+                self.oplevel[name] = str(err).splitlines()[0]
         for node in self.graphs[name].nodes if name in self.graphs else ():
             if node.op == "call_module":
                 sites.setdefault(join(name, node.target), []).append(node)

@@ -154,18 +154,22 @@ class AdaptiveAvgPoolOps:
 
 @dataclass(frozen=True)
 class MeanOps:
-    """``input.mean(dim, keepdim)`` (global average pooling written as a mean); VJP spreads
-    ``s / n`` over the averaged elements. ``dim=None`` averages everything."""
+    """``input.mean(dim, keepdim)`` (global average pooling written as a mean), or with
+    ``total`` ``input.sum(dim, keepdim)``; VJP spreads ``s / n`` (``s``) over the reduced
+    elements. ``dim=None`` reduces everything."""
 
     kind: ClassVar[str] = "sum"
     dim: tuple[int, ...] | None
     keepdim: bool = False
     channel_axis: int = 1
+    #: the sum instead of the mean (``x.sum(dim)``)
+    total: bool = False
 
     def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
+        reduce = torch.sum if self.total else torch.mean
         if self.dim is None:
-            return input.mean()
-        return input.mean(self.dim, keepdim=self.keepdim)
+            return reduce(input)
+        return reduce(input, self.dim, keepdim=self.keepdim)
 
     def vjp(self, s: Tensor, weight: None, input: Tensor | torch.Size) -> Tensor:
         shape = _shape(input)
@@ -176,7 +180,7 @@ class MeanOps:
         if self.dim is not None and not self.keepdim:
             for d in sorted(dims):
                 s = s.unsqueeze(d)
-        return (s / count).expand(shape).contiguous()
+        return (s if self.total else s / count).expand(shape).contiguous()
 
 
 @dataclass(frozen=True)

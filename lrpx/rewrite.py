@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ModelGraph
-from .layers import Add, Interpolate, Matmul, Mean, Product, ScaledDotProductAttention
+from .layers import Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum
 
-__all__ = ["rewrite_functional", "RESHAPES", "tags", "unrouted"]
+__all__ = ["rewrite_functional", "RESHAPES", "ROUTING_FUNCTIONS", "ROUTING_METHODS", "tags", "unrouted"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _INPLACE_METHODS = {"add_": "add", "relu_": "relu", "mul_": "mul", "sigmoid_": "sigmoid", "clamp_": "clamp",
@@ -49,11 +49,13 @@ _FUNCTIONS: dict = {
     F.avg_pool3d: (nn.AvgPool3d, _POOL_ARGS), F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
     F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
     F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)), torch.mean: (Mean, ("dim", "keepdim", "dtype")),
+    F.normalize: (Normalize, ("p", "dim", "eps", "out")), torch.sum: (Sum, ("dim", "keepdim", "dtype")),
 }
 #: the parameters of ``F.interpolate`` after the input, in order
 _INTERPOLATE = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
 _METHODS: dict = {"relu": (nn.ReLU, ()), "sigmoid": (nn.Sigmoid, ()), "tanh": (nn.Tanh, ()),
-                  "softmax": (nn.Softmax, ("dim", "dtype")), "mean": (Mean, ("dim", "keepdim", "dtype"))}
+                  "softmax": (nn.Softmax, ("dim", "dtype")), "mean": (Mean, ("dim", "keepdim", "dtype")),
+                  "sum": (Sum, ("dim", "keepdim", "dtype"))}
 
 
 #: functional layers with weights: ``{function: (parameter names, builder)}``, see :func:`_layer_from_call`
@@ -89,9 +91,13 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
         if node.op == "call_method" and node.target in _INPLACE_METHODS:
             node.target = _INPLACE_METHODS[node.target]
             changed = True
+    kinds = tags(graph)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.addcmul:
             _split_addcmul(graph, node)
+            changed = True
+        elif _is_sub(node) and any(isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args):
+            _split_sub(graph, node)
             changed = True
     kinds = tags(graph)
     for node in list(graph.nodes):
@@ -119,8 +125,8 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
             new = _rewrite_product(module, graph, node, kinds)
         elif _is_matmul(node) and all(isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args):
             new = _replace(module, graph, node, Matmul(), tuple(node.args))
-        elif _is_add(node) and all(isinstance(a, fx.Node) and kinds[a] != "meta" for a in node.args) \
-                and "input" in (kinds[a] for a in node.args):
+        elif _is_add(node) and all(_is_number(a) or isinstance(a, fx.Node) and kinds[a] != "meta" for a in node.args) \
+                and "input" in (kinds[a] for a in node.args if isinstance(a, fx.Node)):
             new = _replace(module, graph, node, Add(), tuple(node.args))
         if new is not None:
             kinds[new] = kinds[node]
@@ -281,11 +287,11 @@ def _as_module(node: fx.Node) -> nn.Module | None:
         return None
     cls, names = spec
     bound = _call_args(node, names)
-    if bound is None or bound.pop("dtype", None) is not None:
+    if bound is None or bound.pop("dtype", None) is not None or bound.pop("out", None) is not None:
         return None
     for ignored in ("inplace", "_stacklevel"):
         bound.pop(ignored, None)
-    if cls is Mean and bound.get("dim", None) is None and "dim" in bound:
+    if cls in (Mean, Sum) and bound.get("dim", None) is None and "dim" in bound:
         bound.pop("dim")
     return cls(**bound)
 
@@ -304,7 +310,8 @@ def tags(graph: fx.Graph) -> dict[fx.Node, str]:
             found_tags[node] = "meta"
         else:
             found = {found_tags[n] for n in node.all_input_nodes}
-            found_tags[node] = next((k for k in ("input", "meta") if k in found), "constant")
+            kinds = ("input",) if node.op == "call_module" else ("input", "meta")  # a module gives tensors
+            found_tags[node] = next((k for k in kinds if k in found), "constant")
     return found_tags
 
 
@@ -325,6 +332,30 @@ def _rewrite_attention(module: nn.Module, graph: fx.Graph, node: fx.Node) -> boo
     operands = tuple(bound.pop(k) for k in _SDPA[:3])
     _replace(module, graph, node, ScaledDotProductAttention(), operands, bound)
     return True
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SUBS = {operator.sub, operator.isub, torch.sub}
+
+
+def _is_sub(node: fx.Node) -> bool:
+    is_sub = (node.op == "call_function" and node.target in _SUBS) or \
+             (node.op == "call_method" and node.target == "sub")
+    return is_sub and len(node.args) == 2 and not node.kwargs
+
+
+def _split_sub(graph: fx.Graph, node: fx.Node) -> None:
+    """``a - b`` as ``a + b * -1``: a sum (the Norm rule splits relevance between ``a`` and
+    ``-b``) and a constant factor, which the rewrite then turns into layers."""
+    a, b = node.args
+    with graph.inserting_before(node):
+        negative = -b if _is_number(b) else graph.call_function(operator.mul, (b, -1))
+        total = graph.call_function(operator.add, (a, negative))
+    node.replace_all_uses_with(total)
+    graph.erase_node(node)
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -372,7 +403,15 @@ _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.
                       torch.swapaxes, torch.unflatten, torch.tile, torch.repeat_interleave,
                       # the winner of max pooling takes the relevance; dropout is the identity in eval
                       F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-                      F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+                      F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                      # comparisons give masks, through which no relevance flows
+                      operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                      torch.fx._symbolic_trace._assert_is_none,
+                      # padding: the padded positions are constants, the rest moves
+                      F.pad}
+#: functions whose first argument a parameter may pass through and still only move
+ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
+ROUTING_METHODS = frozenset(_ROUTING_METHODS)
 
 
 def unrouted(graph: fx.Graph) -> list[str]:

@@ -193,12 +193,14 @@ def test_a_shared_layer_is_converted_under_each_name_and_not_fused():
 def test_unsupported_module_error_carries_the_modules():
     class Odd(nn.Module):
         def forward(self, x):
-            return x
+            return torch.erf(x)  # no rule for erf
 
     model = nn.Sequential(nn.Linear(2, 2), Odd(), nn.Sequential(Odd()))
     with pytest.raises(lrpx.UnsupportedModuleError) as info:
         lrpx.convert(model)
     assert info.value.modules == [("1", Odd), ("2.0", Odd)]
+    assert info.value.reasons == [f"'{n}': its forward applies erf to values computed from the input, which take "
+                                  "no LRP rule" for n in ("1", "2.0")]
     assert "'2.0'" in str(info.value)
 
 

@@ -114,18 +114,18 @@ class Exp(nn.Module):
         return x.exp() + 1
 
 
-class Branchy(nn.Module):
+class Flip(nn.Module):
     def forward(self, x):
         return x if x.sum() > 0 else -x
 
 
 def test_leaves_that_compute_without_a_rule_are_refused_with_the_reason():
-    model = nn.Sequential(nn.Linear(3, 3), Exp(), nn.Sequential(Branchy()), nn.Linear(3, 1))
+    model = nn.Sequential(nn.Linear(3, 3), Exp(), nn.Sequential(Flip()), nn.Linear(3, 1))
     with pytest.raises(lrpx.UnsupportedModuleError) as info:
         lrpx.convert(model)
-    assert info.value.modules == [("1", Exp), ("2.0", Branchy)]
+    assert info.value.modules == [("1", Exp), ("2.0", Flip)]
     msg = str(info.value)
-    assert "'1': its forward applies add, exp to values computed from the input, which take no LRP rule" in msg
+    assert "'1': its forward applies exp to values computed from the input, which take no LRP rule" in msg
     assert "'2.0': its forward cannot be traced" in msg and "twins=" in msg
 
 
@@ -216,18 +216,28 @@ def attention_oracle(model, x, R, e, mask=None, causal=False):
     S = R_o / stab(2 * o, e)
     R_A, R_v = A * (S @ v.transpose(-2, -1)), v * (A.transpose(-2, -1) @ S)
     R_s = torch.where(torch.isinf(s), 0.0, s * (R_A - A * R_A.sum(-1, keepdim=True)))
-    S = R_s / stab(2 * (q @ k.transpose(-2, -1)), e)
+    raw = q @ k.transpose(-2, -1)
+    if mask is not None:  # a non-zero bias keeps its share of the scores' relevance (Norm rule)
+        bias = mask.masked_fill(torch.isinf(mask), 0.0).expand_as(raw)
+        R_s = torch.where(bias == 0, R_s, raw * R_s / stab(raw + bias, e))
+    S = R_s / stab(2 * raw, e)
     R_q, R_k = q * (S @ k), k * (S.transpose(-2, -1) @ q)
     R_qkv = torch.stack([R_q, R_k, R_v]).permute(1, 3, 0, 2, 4).reshape(b, n, 24)
     return epsilon_linear(x, w, bq, R_qkv, e)
 
 
-@pytest.mark.parametrize("fused,causal,masked", [(False, False, False), (False, False, True), (True, False, False),
-                                                 (True, True, False), (True, False, True)])
+@pytest.mark.parametrize("fused,causal,masked", [(False, False, None), (False, False, "inf"), (True, False, None),
+                                                 (True, True, None), (True, False, "inf"), (True, False, "bias")])
 def test_attention_in_forward_code_takes_the_attnlrp_rules(fused, causal, masked):
     torch.manual_seed(0)
-    mask = torch.zeros(5, 5, dtype=DT).masked_fill(torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) < 0.3,
-                                                   float("-inf")).fill_diagonal_(0) if masked else None
+    g = torch.Generator().manual_seed(1)
+    mask = None
+    if masked == "inf":  # positions left out
+        mask = torch.zeros(5, 5, dtype=DT).masked_fill(torch.rand(5, 5, generator=g) < 0.3, float("-inf"))
+        mask.fill_diagonal_(0)
+    elif masked == "bias":  # a relative position bias, some entries 0, one position left out
+        mask = torch.randn(5, 5, generator=g, dtype=DT).masked_fill(torch.rand(5, 5, generator=g) < 0.3, 0.0)
+        mask[0, 1] = float("-inf")
     attention = Attention(fused, causal, mask).double()
     model = nn.Sequential(attention).eval()
     e = 1e-3  # the fused op scales by 1/sqrt(4) = 0.5 itself, as the written-out form does
@@ -248,3 +258,41 @@ def test_scaled_dot_product_attention_refuses_dropout():
         layer(q, q, q, dropout_p=0.1)
     gqa = layer(q, q[:, :1], q[:, :1], enable_gqa=True)
     torch.testing.assert_close(gqa, F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True))
+
+
+class Branchy(nn.Module):
+    """Forward code that branches on the data: fx cannot trace it, so its operations take
+    their rules at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.sum() > 100:
+            return self.a(x)
+        s = torch.softmax(self.b(x), -1)
+        return s * 2.0 + x - 0.5
+
+
+def test_untraceable_forward_takes_rules_at_run_time():
+    torch.manual_seed(0)
+    model = nn.Sequential(Branchy()).double().eval()
+    e, n = 1e-3, 1e-4
+    lrp = lrpx.convert(model, lrpx.Composite(default=Epsilon(e), sum=lrpx.rules.Norm(n)))
+    assert list(lrp.lrpx_graph.oplevel) == ["0"] and "control flow" in lrp.lrpx_graph.oplevel["0"]
+    x, R = torch.randn(4, 3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    with torch.no_grad():
+        torch.testing.assert_close(lrp(x), model(x), rtol=0, atol=0)
+    rel, out = relevance(lrp, x, R)
+    # the rules written out: sum with the constant -0.5, sum of 2s and x, the factor 2 passes,
+    # softmax by Taylor, the Linear layer by epsilon
+    W, b = model[0].b.weight.detach(), model[0].b.bias.detach()
+    z = x @ W.T + b
+    s = torch.softmax(z, -1)
+    v = 2 * s + x
+    R_v = v * R / stab(v - 0.5, n)
+    R_u, R_x1 = 2 * s * R_v / stab(v, n), x * R_v / stab(v, n)
+    R_z = z * (R_u - s * R_u.sum(-1, keepdim=True))
+    torch.testing.assert_close(rel, R_x1 + epsilon_linear(x, W, b, R_z, e), rtol=1e-10, atol=1e-13)
+    assert type(model[0]) is Branchy  # the original keeps its class

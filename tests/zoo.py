@@ -60,6 +60,8 @@ def _layer_forward(m: nn.Module, x, w, b):
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * w.view(shape) + (0 if b is None else b.view(shape))
+    if isinstance(m, (nn.Conv1d, nn.Conv3d)) or (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"):
+        return next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(m, c))._conv_forward(m, x, w, b)
     return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
 
 
@@ -182,7 +184,10 @@ def _sdpa_absorbed(m, inputs, kwargs, R) -> torch.Tensor:
         masked = masked.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else masked + mask
     A = torch.softmax(masked, -1)
     R_A, R_v = _matmul_parts(A, v, R, e)
-    R_s = torch.nan_to_num(masked * (R_A - A * R_A.sum(-1, keepdim=True)), nan=0.0).masked_fill(masked == float("-inf"), 0)
+    R_s = (masked * (R_A - A * R_A.sum(-1, keepdim=True))).masked_fill(masked == float("-inf"), 0)
+    if mask is not None and mask.dtype != torch.bool:  # a non-zero bias on the scores keeps its share
+        bias = mask.masked_fill(mask == float("-inf"), 0).expand_as(scores)
+        R_s = torch.where(bias == 0, R_s, scores * R_s / stab(scores + bias, e))
     R_q, R_k = _matmul_parts(qs, k.transpose(-2, -1), R_s, e)
     return R.sum() - (R_q.sum() + R_k.sum() + R_v.sum())
 
@@ -206,9 +211,13 @@ class Recorder:
             output = output[0]
         # detached: an entry must not hold the tensor its hook hangs on (a FusedReLU returns its
         # input), or the two would form a cycle the garbage collector cannot see through
+        kwargs = dict(self._kwargs.pop(id(module), {}))
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:  # from constants (a position code)
+            return
         inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        passed = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
         entry = {"module": module, "inputs": inputs, "output": output.detach(), "relevance": None,
-                 "kwargs": dict(self._kwargs.pop(id(module), {}))}
+                 "kwargs": kwargs, "passed": passed}
         self.calls.append(entry)
         output.register_hook(lambda grad, e=entry: e.__setitem__("relevance", grad))
 
@@ -217,6 +226,9 @@ class Recorder:
         for c in self.calls:
             m, R = c["module"], c["relevance"]
             if R is None:  # no relevance reached this call (a gate's branch)
+                continue
+            if not any(c["passed"]):  # inputs computed from constants (a position code from a grid):
+                total = total + R.sum()  # the layer passes its relevance to nothing that carries it
                 continue
             if isinstance(m, nn.MultiheadAttention):
                 total = total + _attention_absorbed(m, c["inputs"], R)
@@ -227,8 +239,11 @@ class Recorder:
                 total = total + R.sum() - r_a.sum() - r_b.sum()
             elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
                 total = total + _norm_absorbed(m, c["inputs"][0].detach(), c["output"], R)
-            elif isinstance(m, Add):
-                total = total + (R * m.rule.epsilon * sign0(c["output"]) / stab(c["output"], m.rule.epsilon)).sum()
+            elif isinstance(m, Add):  # what the operands that pass it on (not constants) do not get
+                z = c["output"] if not m.fused_relu else sum(torch.as_tensor(a) for a in c["inputs"])
+                share = R / stab(z, m.rule.epsilon)
+                kept = sum((a * share).sum() for a, p in zip(c["inputs"], c["passed"]) if p)
+                total = total + R.sum() - kept
             else:
                 total = total + absorbed(m, c["inputs"][0].detach(), c["output"], R)
         return total

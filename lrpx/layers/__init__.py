@@ -17,14 +17,14 @@ from ..rules.base import Rule
 from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, FusedReLU
 from .attention import ATTENTION_TWINS, ScaledDotProductAttention
 from .base import Twin, copy_hooks, has_hooks
-from .merge import Add, Matmul, Product
+from .merge import Add, Matmul, Normalize, Product
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
-                      LRPAdaptiveAvgPool3d, LRPAvgPool1d, LRPAvgPool2d, LRPAvgPool3d, Mean)
+                      LRPAdaptiveAvgPool3d, LRPAvgPool1d, LRPAvgPool2d, LRPAvgPool3d, Mean, Sum)
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Product", "Matmul", "ScaledDotProductAttention", "Interpolate", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
+__all__ = ["Twin", "Add", "Mean", "Sum", "Product", "Matmul", "Normalize", "ScaledDotProductAttention", "Interpolate", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
            "inherited",
            "batchnorm_affine",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
@@ -73,8 +73,10 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     nn.AdaptiveAvgPool3d: LRPAdaptiveAvgPool3d,
     Add: Add,
     Mean: Mean,
+    Sum: Sum,
     Product: Product,
     Matmul: Matmul,
+    Normalize: Normalize,
     **UPSAMPLE_TWINS,
     **ACTIVATION_TWINS,
     **NORM_TWINS,

@@ -247,13 +247,36 @@ class LRPMultiheadAttention(Twin, nn.MultiheadAttention):
         return mask
 
 
+def _biased(scores: Tensor, bias: Tensor, epsilon: float) -> Tensor:
+    r"""``scores + bias`` whose backward gives the scores the share
+    :math:`R_s = s\,R / \mathrm{stab}(s + b, \epsilon)` of the sum's relevance (the ``Norm`` rule;
+    the bias keeps the rest), and all of it where the bias is 0 (a mask's open positions)."""
+    return _Biased.apply(scores, bias, epsilon)
+
+
+class _Biased(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: Tensor, bias: Tensor, epsilon: float) -> Tensor:
+        total = scores + bias
+        stabilized = total + epsilon * torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+        ctx.save_for_backward(torch.where(bias == 0, 1.0, scores / stabilized))
+        return total
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):
+        (share,) = ctx.saved_tensors
+        return relevance * share, None, None
+
+
 class ScaledDotProductAttention(_OwnLayer):
     r"""``F.scaled_dot_product_attention`` in forward code (timm's and Hugging Face's fused
     attention), written out as its math with the AttnLRP rules:
     :math:`O = \mathrm{softmax}(s\, q k^\top + M)\, v`, the two matrix products with this
     layer's rule (:class:`lrpx.rules.Uniform`, see :func:`lrp_matmul`), the softmax with
     :class:`lrpx.rules.Taylor` (:func:`lrp_softmax`); the scale :math:`s` (``scale``, by
-    default :math:`1/\sqrt{d}`) and the mask :math:`M` pass relevance unchanged.
+    default :math:`1/\sqrt{d}`) and the zeros and ``-inf`` of a mask :math:`M` pass relevance
+    unchanged; other values of a float mask are a bias on the scores, which keeps its share of
+    their relevance (the ``Norm`` rule with the layer rule's epsilon), as a bias does.
 
     Takes the arguments of ``F.scaled_dot_product_attention``: a bool ``attn_mask`` marks the
     positions that take part (``True``), a float one is added to the scores; ``is_causal``
@@ -289,8 +312,11 @@ class ScaledDotProductAttention(_OwnLayer):
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
-            else:
-                scores = scores + attn_mask  # a constant: relevance passes to the scores unchanged
+            else:  # a bias on the scores (relative positions, ALiBi) takes its share
+                blocked = attn_mask == float("-inf")
+                bias = attn_mask.masked_fill(blocked, 0.0)
+                scores = _biased(scores, bias, getattr(self.rule, "epsilon", DEFAULT_EPSILON))
+                scores = scores.masked_fill(blocked, float("-inf"))
         return lrp_matmul(lrp_softmax(scores, -1), value, rule=self.rule)
 
 

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import operator
+from functools import partial
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import lrp_apply
@@ -14,7 +17,7 @@ from ..rules.attention import Uniform
 from ..rules.elementwise import Norm, Pass
 from .base import Twin
 
-__all__ = ["Add", "Product", "Matmul"]
+__all__ = ["Add", "Product", "Matmul", "Normalize"]
 
 _SUM = SumOps()
 _MATMUL = MatmulOps()
@@ -37,7 +40,8 @@ class Add(_OwnLayer):
     """``operands[0] + operands[1] + ...`` with relevance split by the ``Norm`` rule (in
     proportion to each operand's contribution, ``R_i = x_i R / stab(sum_j x_j)``).
 
-    Non-tensor operands (a Python number added in traced code) fall back to ``+``.
+    A Python number among tensor operands (``x + 1``, ``a - b`` written as ``a + b * -1``) is a
+    constant operand: it takes its share like a bias. Without a tensor operand it is ``+``.
     """
 
     lrp_kind = "sum"
@@ -51,11 +55,15 @@ class Add(_OwnLayer):
         return cls(rule)
 
     def forward(self, *operands):
-        if len(operands) < 2 or not all(isinstance(t, Tensor) for t in operands):
+        tensor = next((t for t in operands if isinstance(t, Tensor)), None)
+        if len(operands) < 2 or tensor is None or not all(isinstance(t, (Tensor, int, float)) for t in operands):
             out = operands[0]
             for t in operands[1:]:
                 out = out + t
             return out.relu() if self.fused_relu else out
+        # a number is a constant operand, which takes its share of the relevance like a bias
+        operands = tuple(t if isinstance(t, Tensor) else torch.tensor(t, dtype=tensor.dtype, device=tensor.device)
+                         for t in operands)
         return lrp_apply(_SUM, self.rule, operands, relu=self.fused_relu)
 
     def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
@@ -127,3 +135,29 @@ class Matmul(_OwnLayer):
         if a.dim() < 2 or b.dim() < 2:
             return a @ b  # a vector product: its gradient (no rule for this case)
         return lrp_apply(_MATMUL, self.rule, (a, b))
+
+
+class Normalize(_OwnLayer):
+    r"""``F.normalize(x, p, dim, eps)`` in forward code (cosine attention, normalised
+    embeddings): :math:`x / \max(\lVert x\rVert_p, \epsilon)` along ``dim``, read as a division
+    by a constant as the normalisation rule reads it, so ``Pass`` (the default) hands the
+    relevance to :math:`x` unchanged."""
+
+    lrp_kind = "elementwise"
+
+    def __init__(self, p: float = 2.0, dim: int = 1, eps: float = 1e-12, rule: Rule | None = None) -> None:
+        super().__init__(_PASS if rule is None else rule)
+        self.p, self.dim, self.eps = p, dim, eps
+
+    @classmethod
+    def from_module(cls, module: "Normalize", rule: Rule) -> "Normalize":
+        return cls(module.p, module.dim, module.eps, rule)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lrp_apply(ElementwiseOps(partial(F.normalize, p=self.p, dim=self.dim, eps=self.eps)), self.rule, x)
+
+    def output_nonnegative(self, inputs_nonnegative: bool) -> bool:
+        return inputs_nonnegative
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, dim={self.dim}, rule={self.rule!r}"

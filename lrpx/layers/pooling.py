@@ -12,7 +12,7 @@ from ..rules.base import Rule
 from ..rules.elementwise import Norm
 from .base import Twin
 
-__all__ = ["LRPAvgPool1d", "LRPAvgPool2d", "LRPAvgPool3d",
+__all__ = ["Sum", "LRPAvgPool1d", "LRPAvgPool2d", "LRPAvgPool3d",
            "LRPAdaptiveAvgPool1d", "LRPAdaptiveAvgPool2d", "LRPAdaptiveAvgPool3d", "Mean", "Interpolate",
            "LRPUpsample", "LRPUpsamplingNearest2d", "LRPUpsamplingBilinear2d", "UPSAMPLE_TWINS"]
 
@@ -94,11 +94,22 @@ class Mean(_PoolTwin, nn.Module):
         cls.check_rule(rule)
         return cls(module.dim, module.keepdim, rule)
 
+    #: the sum instead of the mean (:class:`Sum`)
+    total = False
+
     def forward(self, input: Tensor) -> Tensor:
-        return lrp_apply(MeanOps(self.dim, self.keepdim), self.rule, input)
+        return lrp_apply(MeanOps(self.dim, self.keepdim, total=self.total), self.rule, input)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, keepdim={self.keepdim}, rule={self.rule!r}"
+
+
+class Sum(Mean):
+    """``input.sum(dim, keepdim)`` as a layer with the Norm rule: a sum over the splits of
+    split attention (ResNeSt) or over tokens. ``convert`` puts one in place of each such call
+    on values computed from the input."""
+
+    total = True
 
 
 class Interpolate(_PoolTwin, nn.Module):

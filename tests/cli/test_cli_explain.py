@@ -194,7 +194,14 @@ def test_bad_input_is_one_line_exit_code_2_and_writes_nothing(files, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_model_lrp_cannot_convert_is_a_clear_error(files, tmp_path):
+def test_model_lrp_cannot_convert_is_a_clear_error(files, tmp_path, monkeypatch):
+    import lrpx.methods
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    def refuse(*args, **kwargs):  # a model with a layer lrpx has no rule for
+        raise lrpx.UnsupportedModuleError([("features.1.0.attn", ShiftedWindowAttention)])
+
+    monkeypatch.setattr(lrpx.methods, "attributor", refuse)
     torch.save(torchvision.models.swin_t(weights=None).state_dict(), tmp_path / "swin.pt")
     code, _, stderr = run_cli(["explain", files / "ramp.jpg", "--model", "swin_t", "--weights",
                                tmp_path / "swin.pt", "--composite", "epsilon_plus", "--out", tmp_path / "out"])

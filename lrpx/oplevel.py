@@ -1,0 +1,149 @@
+"""Rules for forward code that ``torch.fx`` cannot trace: the operations themselves, at run time.
+
+A module whose forward branches on the data or on sizes (torchvision's shifted-window
+attention pads only when the window does not fit) has no graph to rewrite. ``convert`` gives
+such a module an :class:`OpRules` mode: while its forward runs, each functional operation on
+values that carry relevance (tensors that require grad) is replaced by the same operation with
+its LRP rule, by the kind of operation:
+
+* ``F.linear`` with a weight, ``F.layer_norm``: the weighted and normalisation rules;
+* ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` of two such values, ``F.scaled_dot_product_attention``:
+  the bilinear rule (and the softmax rule inside attention);
+* ``softmax``: the softmax rule; ``a + b`` and ``a - b``: the sum rule (a number or a constant
+  tensor takes its share like a bias); ``mean``/``sum`` over dimensions: the sum rule;
+* ``a * b``: the product rule, all relevance to the one operand that carries relevance, half to
+  each of two (a gate is not told apart from a signal here, unlike in traced code);
+  ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule.
+
+Everything else (indexing, reshapes, rolls, padding, concatenation) keeps its gradient, which
+moves relevance. The mode is a ``torch.overrides.TorchFunctionMode``: per thread, active only
+inside that module's forward, and inactive inside twins (their own operations are theirs).
+Operations on tensors that do not require grad run unchanged, so a forward under
+``torch.no_grad`` computes exactly what the original does.
+"""
+from __future__ import annotations
+
+import operator
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .core import lrp_apply
+from .ops import ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SumOps
+from .rules.base import Rule
+from .rules.elementwise import Pass
+
+__all__ = ["OpRules", "run_with_rules"]
+
+_PASS = Pass()
+_T = torch.Tensor
+_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, operator.add}
+_SUBS = {torch.sub, _T.sub, _T.__sub__, operator.sub}
+_RSUBS = {_T.__rsub__}
+_MULS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, operator.mul}
+_DIVS = {torch.div, _T.div, _T.__truediv__, operator.truediv}
+_MATMULS = {torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm}
+_SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
+_REDUCE = {torch.mean: False, _T.mean: False, torch.sum: True, _T.sum: True}
+_NEG = {torch.neg, _T.neg, _T.__neg__}
+_ACTIVATIONS = {F.relu, torch.relu, _T.relu, F.gelu, F.silu, torch.sigmoid, _T.sigmoid, F.sigmoid, torch.tanh,
+                _T.tanh, F.hardswish, F.hardsigmoid, F.mish, F.leaky_relu, F.elu, F.relu6, F.hardtanh}
+
+
+def _carries(value) -> bool:
+    return isinstance(value, Tensor) and value.requires_grad
+
+
+class OpRules(TorchFunctionMode):
+    """The mode that gives operations their rules; ``rules`` maps each kind of layer
+    (``lrpx.rules.KINDS``) to its rule (a composite's fallbacks)."""
+
+    def __init__(self, rules: dict[str, Rule]) -> None:
+        super().__init__()
+        self.rules = rules
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled() or not any(_carries(a) for a in args) and \
+                not any(_carries(v) for v in kwargs.values()):
+            return func(*args, **kwargs)
+        done = self._with_rule(func, args, kwargs)
+        return func(*args, **kwargs) if done is NotImplemented else done
+
+    def _with_rule(self, func, args, kwargs):
+        rules = self.rules
+        if func is F.linear and len(args) + len(kwargs) <= 3:
+            x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3] if len(args) < 3 \
+                else args
+            if isinstance(x, Tensor) and isinstance(weight, Tensor) and not weight.requires_grad or \
+                    isinstance(weight, nn.Parameter):
+                return lrp_apply(LinearOps(), rules["weighted"], x, weight, bias)
+        if func is F.layer_norm and not kwargs and len(args) >= 2:
+            x, shape, weight, bias, eps = (list(args) + [None, None, 1e-5])[:5]
+            return lrp_apply(LayerNormOps(tuple(shape), eps), rules["normalization"], x, weight, bias)
+        if func is F.scaled_dot_product_attention:
+            from .layers.attention import ScaledDotProductAttention
+            return ScaledDotProductAttention(rules["bilinear"])(*args, **kwargs)
+        if kwargs and func not in _SOFTMAX and func not in _REDUCE:
+            return NotImplemented
+        if func in _MATMULS and len(args) == 2 and all(_carries(a) for a in args) and min(a.dim() for a in args) >= 2:
+            return lrp_apply(MatmulOps(), rules["bilinear"], tuple(args))
+        if func in _SOFTMAX:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim is None or kwargs.get("dtype") is not None:
+                return NotImplemented
+            from .layers.attention import lrp_softmax
+            return lrp_softmax(args[0], dim, rules["softmax"])
+        if func in _REDUCE and isinstance(args[0], Tensor) and set(kwargs) <= {"dim", "keepdim"}:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+            dims = None if dim is None else (dim,) if isinstance(dim, int) else tuple(dim)
+            return lrp_apply(MeanOps(dims, keepdim, total=_REDUCE[func]), rules["sum"], args[0])
+        if len(args) == 2 and (func in _ADDS or func in _SUBS or func in _RSUBS):
+            a, b = args if func not in _RSUBS else (args[1], args[0])
+            if func in _SUBS or func in _RSUBS:
+                b = -b if not isinstance(b, Tensor) else lrp_apply(ElementwiseOps(torch.neg), _PASS, b)
+            return self._sum(a, b)
+        if len(args) == 2 and func in _MULS | _DIVS:
+            return self._product(args[0], args[1], func in _DIVS)
+        if len(args) == 1 and func in _NEG:
+            return lrp_apply(ElementwiseOps(torch.neg), _PASS, args[0])
+        if func in _ACTIVATIONS and len(args) >= 1 and isinstance(args[0], Tensor):
+            return lrp_apply(ElementwiseOps(partial(_call, func, args[1:])), rules["elementwise"], args[0])
+        return NotImplemented
+
+    def _sum(self, a, b):
+        tensor = a if isinstance(a, Tensor) else b
+        if not all(isinstance(t, (Tensor, int, float)) for t in (a, b)):
+            return NotImplemented
+        a, b = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=tensor.dtype, device=tensor.device)
+                for t in (a, b))
+        if a.dtype != b.dtype:
+            return NotImplemented
+        return lrp_apply(SumOps(), self.rules["sum"], (a, b))
+
+    def _product(self, a, b, divide: bool):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            tensor, number = (a, b) if isinstance(a, Tensor) else (b, a)
+            if not isinstance(number, (int, float)):
+                return NotImplemented
+            op = operator.truediv if divide else operator.mul
+            function = (lambda t: op(t, number)) if tensor is a else (lambda t: op(number, t))
+            return lrp_apply(ElementwiseOps(function), _PASS, tensor)
+        if divide and _carries(b):
+            return NotImplemented  # a division by an activation: its gradient
+        signal = None if _carries(a) and _carries(b) else 0 if _carries(a) else 1
+        return lrp_apply(ProductOps(signal, divide, (a.shape, b.shape)), self.rules["product"], (a, b))
+
+
+def _call(func, rest, x):
+    return func(x, *rest)
+
+
+def run_with_rules(module: nn.Module, rules: dict[str, Rule], forward, *args, **kwargs):
+    """``forward(*args, **kwargs)`` of ``module`` with its operations under :class:`OpRules`."""
+    with OpRules(rules):
+        return forward(*args, **kwargs)
