@@ -180,21 +180,24 @@ def _check_leaves(model: nn.Module, twins: dict, trace: bool) -> list[tuple[str,
 
 
 def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
-    """The leaves without a twin whose forward was traced compute nothing from the input
-    outside the layers the rewrite made of it (moving, reshaping and joining values aside):
-    an operation without a rule would pass its plain gradient as relevance."""
+    """Traced forward code computes nothing from the input outside the layers the rewrite made
+    of it (moving, reshaping and joining values aside; divisions by activations are kept by
+    design), and the leaves without a twin could be traced: an operation without a rule would
+    pass its plain gradient as relevance."""
     bad, reasons = [], []
     for name, cls in opened:
         if name in graph.untraced:
-            why = f"its forward cannot be traced ({graph.untraced[name].splitlines()[0]})"
-        else:
-            ops = unrouted(graph.graphs[name])
-            if not ops:
-                continue
-            why = (f"its forward applies {', '.join(sorted(set(ops)))} to values computed from the input, "
-                   "which take no LRP rule")
-        bad.append((name, cls))
-        reasons.append(f"'{name}': {why}")
+            bad.append((name, cls))
+            reasons.append(f"'{name}': its forward cannot be traced ({graph.untraced[name].splitlines()[0]})")
+    for name, g in graph.items():
+        ops = unrouted(g)
+        if ops:
+            bad.append((name, graph.classes.get(name, nn.Module)))
+            reasons.append(f"'{name or '<root>'}': its forward applies {', '.join(sorted(set(ops)))} to values "
+                           "computed from the input, which take no LRP rule")
+    order = {name: i for i, name in enumerate(graph.classes)}
+    ranked = sorted(range(len(bad)), key=lambda i: order.get(bad[i][0], -1))
+    bad, reasons = [bad[i] for i in ranked], [reasons[i] for i in ranked]
     if bad:
         raise UnsupportedModuleError(bad, reasons)
 

@@ -99,6 +99,12 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
         elif _is_sub(node) and any(isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args):
             _split_sub(graph, node)
             changed = True
+        elif _is_neg(node) and kinds[node.args[0]] == "input":  # -x: a constant factor
+            _substitute(graph, node, operator.mul, (node.args[0], -1))
+            changed = True
+        elif _is_square(node) and kinds[node.args[0]] == "input":  # x ** 2: a product of two activations
+            _substitute(graph, node, operator.mul, (node.args[0], node.args[0]))
+            changed = True
     kinds = tags(graph)
     for node in list(graph.nodes):
         layer = _layer_from_call(module, node, kinds) if node.op == "call_function" else None
@@ -225,11 +231,13 @@ def _layer_from_call(module: nn.Module, node: fx.Node, kinds: dict[fx.Node, str]
         layer = nn.LayerNorm(values["normalized_shape"], eps=values.get("eps", 1e-5),
                              elementwise_affine=weight is not None, bias=bias is not None, device="meta")
     elif fn is F.group_norm:
-        if (weight is None) != (bias is None):
+        if weight is None and bias is not None:
             return None
         groups = values["num_groups"]
         layer = nn.GroupNorm(groups, groups if weight is None else weight.numel(), eps=values.get("eps", 1e-5),
                              affine=weight is not None, device="meta")
+        if weight is not None and bias is None:
+            layer.bias = None
     else:  # batch_norm: in eval mode with running statistics, as the module's own BatchNorm class
         cls = next((c for c in _BATCHNORMS if isinstance(module, c)), None)
         if cls is None or values.get("training", False) or values.get("running_mean") is None:
@@ -347,6 +355,26 @@ def _is_sub(node: fx.Node) -> bool:
     return is_sub and len(node.args) == 2 and not node.kwargs
 
 
+def _is_neg(node: fx.Node) -> bool:
+    is_neg = (node.op == "call_function" and node.target in (operator.neg, torch.neg)) or \
+             (node.op == "call_method" and node.target == "neg")
+    return is_neg and len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs
+
+
+def _is_square(node: fx.Node) -> bool:
+    is_pow = (node.op == "call_function" and node.target in (operator.pow, torch.pow)) or \
+             (node.op == "call_method" and node.target == "pow")
+    return is_pow and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and node.args[1] == 2 \
+        and not node.kwargs
+
+
+def _substitute(graph: fx.Graph, node: fx.Node, target, args: tuple) -> None:
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
 def _split_sub(graph: fx.Graph, node: fx.Node) -> None:
     """``a - b`` as ``a + b * -1``: a sum (the Norm rule splits relevance between ``a`` and
     ``-b``) and a constant factor, which the rewrite then turns into layers."""
@@ -414,13 +442,27 @@ ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
 ROUTING_METHODS = frozenset(_ROUTING_METHODS)
 
 
+def _divisors(graph: fx.Graph) -> set[fx.Node]:
+    """Divisions by activations and what only feeds their divisors (``x / x.abs().sum()``): a
+    normaliser, whose plain gradient is kept by design."""
+    found: set[fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if _is_product(node) and node.target in (operator.truediv, operator.itruediv, torch.div, "div"):
+            found.add(node)
+        elif node.users and all(u in found and (u.args[1] is node if _is_product(u) else True) for u in node.users):
+            found.add(node)
+    return found
+
+
 def unrouted(graph: fx.Graph) -> list[str]:
     """The operations of a traced forward that change values from the input outside of a
-    layer (what is left after :func:`rewrite_functional`), as ``"name (target)"`` strings."""
+    layer (what is left after :func:`rewrite_functional`), by name; divisions by activations
+    and their divisors (normalisers) aside."""
     kinds = tags(graph)
+    divisors = _divisors(graph)
     bad = []
     for node in graph.nodes:
-        if node.op not in ("call_function", "call_method") or kinds[node] != "input":
+        if node.op not in ("call_function", "call_method") or kinds[node] != "input" or node in divisors:
             continue
         if (node.op == "call_method" and node.target in _ROUTING_METHODS) or \
                 (node.op == "call_function" and node.target in _ROUTING_FUNCTIONS):
