@@ -124,7 +124,7 @@ def mass_box(heatmap: Tensor, mass: float = 0.8, *, min_side: int = 1) -> tuple[
     spans = []
     for marginal in (weight.sum(1), weight.sum(0)):
         share = marginal.cumsum(0) / total
-        low = int((share <= (1 - mass) / 2).sum())  # first index past the lower tail
+        low = int((share <= (1 - mass) / 2 + 1e-12).sum())  # first index past the lower tail
         high = int((share < (1 + mass) / 2 - 1e-12).sum())  # the index that reaches the upper quantile
         spans.append(_widen(low, min(high, len(share) - 1) + 1, min_side, len(share)))
     (top, bottom), (left, right) = spans

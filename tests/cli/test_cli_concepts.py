@@ -132,7 +132,7 @@ def test_the_maxima_are_those_of_each_image_explained_alone(reference, data):
         box = []
         for marginal in (heat.abs().double().sum(1), heat.abs().double().sum(0)):
             share = (marginal.cumsum(0) / marginal.sum()).numpy()
-            low, high = int(np.argmax(share > 0.1)), int(np.argmax(share >= 0.9 - 1e-12))
+            low, high = int(np.argmax(share > 0.1 + 1e-12)), int(np.argmax(share >= 0.9 - 1e-12))
             box.append((low, high + 1))
         (top, bottom), (left, right) = box
         assert (row["top"], row["left"], row["bottom"], row["right"]) == (top, left, bottom, right), channel
