@@ -65,39 +65,43 @@ def write_channel_figures(out: Path, dataset, *, to_pixels: Callable | None = No
     """``OUT/atlas/channel-CCCC.png`` per channel, drawn with Pillow: a row of reference crops by
     relevance and one by activation, each crop above its conditional heatmap (over a grey
     copy), captioned with the image's predicted class and the value it was ranked by."""
-    from PIL import Image, ImageDraw
-
-    from ..image import _font, to_pil
+    from ..datasets import num_threads
 
     out = Path(out)
     rows = read_maxima(out)
     heatmaps = read_heatmaps(out)
     folder = out / "atlas"
     folder.mkdir(exist_ok=True)
+    with num_threads(1):  # tensors of a few thousand pixels: threads cost more than they give
+        return [_channel_figure(folder, channel, [r for r in rows if r["channel"] == channel], dataset, heatmaps,
+                                to_pixels, tile) for channel in sorted({r["channel"] for r in rows})]
+
+
+def _channel_figure(folder: Path, channel: int, mine: list[dict], dataset, heatmaps, to_pixels, tile: int) -> Path:
+    from PIL import Image, ImageDraw
+
+    from ..image import _font, to_pil
+
     font, pad, caption = _font(), 4, 24
-    written = []
-    for channel in sorted({r["channel"] for r in rows}):
-        mine = [r for r in rows if r["channel"] == channel]
-        top = max(r["rank"] for r in mine)
-        left = 78
-        width, band = left + top * (tile + pad) + pad, 2 * tile + caption + 2 * pad
-        canvas = Image.new("RGB", (width, 18 + len(KINDS) * band), "white")
-        draw = ImageDraw.Draw(canvas)
-        draw.text((pad, 3), f"{mine[0]['layer']}, channel {channel}", fill="black", font=font)
-        for k, kind in enumerate(KINDS):
-            y = 18 + k * band
-            draw.text((pad, y + tile - 6), f"by {kind}", fill="black", font=font)
-            ranked = sorted((r for r in mine if r["kind"] == kind), key=lambda r: r["rank"])
-            for col, (pixels, lay, row) in enumerate(reference_crops(ranked, dataset, heatmaps, to_pixels)):
-                x = left + pad + col * (tile + pad)
-                canvas.paste(to_pil(_fit(pixels, tile)), (x, y))
-                canvas.paste(to_pil(_fit(lay, tile)), (x, y + tile + 2))
-                draw.text((x, y + 2 * tile + 3), f"{row['class_name'][:11]}", fill="black", font=font)
-                draw.text((x, y + 2 * tile + 13), f"{row['value']:.3g}", fill="dimgray", font=font)
-        path = folder / f"channel-{channel:04d}.png"
-        canvas.save(path, format="PNG", optimize=True)
-        written.append(path)
-    return written
+    top = max(r["rank"] for r in mine)
+    left = 78
+    width, band = left + top * (tile + pad) + pad, 2 * tile + caption + 2 * pad
+    canvas = Image.new("RGB", (width, 18 + len(KINDS) * band), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 3), f"{mine[0]['layer']}, channel {channel}", fill="black", font=font)
+    for k, kind in enumerate(KINDS):
+        y = 18 + k * band
+        draw.text((pad, y + tile - 6), f"by {kind}", fill="black", font=font)
+        ranked = sorted((r for r in mine if r["kind"] == kind), key=lambda r: r["rank"])
+        for col, (pixels, lay, row) in enumerate(reference_crops(ranked, dataset, heatmaps, to_pixels)):
+            x = left + pad + col * (tile + pad)
+            canvas.paste(to_pil(_fit(pixels, tile)), (x, y))
+            canvas.paste(to_pil(_fit(lay, tile)), (x, y + tile + 2))
+            draw.text((x, y + 2 * tile + 3), f"{row['class_name'][:11]}", fill="black", font=font)
+            draw.text((x, y + 2 * tile + 13), f"{row['value']:.3g}", fill="dimgray", font=font)
+    path = folder / f"channel-{channel:04d}.png"
+    canvas.save(path, format="PNG")
+    return path
 
 
 def _fit(image: Tensor, side: int) -> Tensor:

@@ -11,7 +11,9 @@ Parquet parts that survive a killed run (:mod:`lrpx.eval.dataset.store`).
    image, one conditional heatmap for each channel it is a reference of (a full backward pass
    from its top class that keeps, at the layer, only that channel's relevance), and its crop
    (:func:`lrpx.atlas.layer.crop_box`); the cropped heatmaps are kept as float16 tensors.
-4. Rank 0 writes ``OUT/maxima.parquet``, ``OUT/class_concepts.parquet`` and the figures.
+4. Rank 0 writes ``OUT/maxima.parquet``, ``OUT/class_concepts.parquet`` (see
+   :mod:`lrpx.atlas.tables`), ``OUT/failures.csv`` (the images that could not be read) and the
+   figures.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from ..eval.dataset.engine import _Indexed, distributed_context, open_run, stream
 from ..eval.dataset.sources import ImageFiles
-from ..eval.dataset.store import RunStore, pyarrow
+from ..eval.dataset.store import RunStore, pyarrow, read_failures, write_failures
 from .layer import check_layer, conditional_heatmaps, crop_box, scan_layer
 from .tables import KINDS, maxima, read_references, read_scan, write_tables
 
@@ -93,6 +95,7 @@ def concept_atlas(lrp_model: nn.Module, dataset, *, layer: str, out: str | Path,
     settings = {"layer": layer, "top": top, "mass": mass, "images": len(dataset), **dict(run or {})}
     model = lrp_model.to(context.device)
     try:
+        spatial = _spatial(model, dataset, layer, context.device)  # a bad layer fails before anything is written
         if overwrite and context.rank == 0:
             shutil.rmtree(out / "references", ignore_errors=True)
             shutil.rmtree(out / "atlas", ignore_errors=True)
@@ -116,7 +119,6 @@ def concept_atlas(lrp_model: nn.Module, dataset, *, layer: str, out: str | Path,
         images = read_scan(out)
         if not len(images["index"]):
             raise ValueError("no image of the data set could be read; see the failures folder")
-        spatial = _spatial(model, dataset, images, layer, context.device)
         table = maxima(images, top)
         wanted: dict[int, list[int]] = {}
         for kind in KINDS:
@@ -148,6 +150,7 @@ def concept_atlas(lrp_model: nn.Module, dataset, *, layer: str, out: str | Path,
         context.barrier()
         if context.rank == 0:
             write_tables(out, layer, table, images, read_references(out), class_names)
+            write_failures(out / "failures.csv", read_failures(out))
             if figures:
                 from .figures import write_channel_figures
 
@@ -157,8 +160,11 @@ def concept_atlas(lrp_model: nn.Module, dataset, *, layer: str, out: str | Path,
     return out
 
 
-def _spatial(model, dataset, images, layer: str, device) -> tuple[int, ...]:
-    """The spatial shape of the layer's output, from the first image that was read."""
-    first = int(images["index"][0])
-    _, image, _, _ = dataset[first]
-    return check_layer(model, layer, image[None].to(device))[1]
+def _spatial(model, dataset, layer: str, device) -> tuple[int, ...]:
+    """The spatial shape of the layer's output (:func:`check_layer`), on the first image that
+    can be read."""
+    for i in range(len(dataset)):
+        _, image, _, _ = dataset[i]
+        if image is not None:
+            return check_layer(model, layer, image[None].to(device))[1]
+    raise ValueError("no image of the data set can be read")

@@ -141,10 +141,9 @@ def run_concepts(args: argparse.Namespace) -> int:
 
 def _print_atlas(out: Path) -> None:
     from ..atlas import read_maxima
-    from ..eval.dataset import read_results
 
     rows = read_maxima(out)
-    _, failures = read_results(out)
+    failures = (out / "failures.csv").read_text().splitlines()[1:]
     images = json.loads((out / "run.json").read_text())["settings"]["images"]
     channels = len({r["channel"] for r in rows})
     figures = out / "atlas"
@@ -154,8 +153,6 @@ def _print_atlas(out: Path) -> None:
 
 
 def run_concepts_explain(args: argparse.Namespace) -> int:
-    import torch
-
     from ..atlas.layer import conditional_heatmaps
     from ..concepts import top_concepts
     from ..explain import explain

@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli_dataset import subprocess_cli
+from test_cli_explain import run_cli
 
 import lrpx
 from lrpx import datasets as ds
-from lrpx.cli import main  # noqa: F401  (run_cli's)
-
-from test_cli_dataset import subprocess_cli
-from test_cli_explain import run_cli
 
 pytest.importorskip("pyarrow")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +33,7 @@ def data(tmp_path_factory):
         folder = root / "data" / ds.CLASSES[int(shapes.labels[i])]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((shapes.images[i].permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"{i:03d}.png")
+    (root / "data" / "ring" / "zz-broken.png").write_text("not an image")
     torch.manual_seed(0)
     torch.save(ds.ShapesVGG().state_dict(), root / "vgg.pt")
     return root
@@ -94,6 +93,8 @@ def own_pass(data: Path):
     lrp = lrpx.convert(model, lrpx.composites.epsilon_plus())
     found = {}
     for path in sorted((data / "data").rglob("*.png")):
+        if path.name == "zz-broken.png":
+            continue
         pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
         x = ds.normalize(pixels[None])
         e = lrpx.explain(lrp, x, record=[LAYER])
@@ -107,7 +108,9 @@ def own_pass(data: Path):
 def test_the_maxima_are_those_of_each_image_explained_alone(reference, data):
     out, stdout = reference
     table = maxima(out)
-    assert len(table) == CHANNELS * 2 * TOP and f"{IMAGES} images scanned, 0 failed" in stdout
+    assert len(table) == CHANNELS * 2 * TOP and f"{IMAGES} images scanned, 1 failed" in stdout
+    failures = (out / "failures.csv").read_text().splitlines()
+    assert failures[0] == "index,image,reason" and len(failures) == 2 and "ring/zz-broken.png" in failures[1]
     lrp, own = own_pass(data)
     names = sorted(own)
     for kind, column in (("relevance", 2), ("activation", 3)):
@@ -183,7 +186,8 @@ def test_a_killed_run_resumes_to_the_same_tables(reference, data, tmp_path):
     import pyarrow.parquet as pq
 
     indices = [i for p in (out / "results").glob("part-*.parquet") for i in pq.read_table(p)["index"].to_pylist()]
-    assert sorted(indices) == list(range(IMAGES))  # every image scanned once
+    broken = int((out / "failures.csv").read_text().splitlines()[1].split(",")[0])
+    assert sorted(indices) == [i for i in range(IMAGES + 1) if i != broken]  # every image scanned once
 
 
 def test_other_settings_are_refused(reference, data):
@@ -202,7 +206,7 @@ def test_a_bad_layer_is_one_line_and_writes_nothing(data, tmp_path, layer, messa
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert __import__("re").search(message, stderr), stderr
     assert not (tmp_path / "out").exists()
-    image = next((data / "data").rglob("*.png"))
+    image = next((data / "data").rglob("0*.png"))
     code, _, stderr = run_cli(["concepts", "explain", image, "--model", "shapes_vgg", "--weights", data / "vgg.pt",
                                "--layer", layer, "--out", tmp_path / "one"])
     assert code == 2 and __import__("re").search(message, stderr), stderr
@@ -210,7 +214,7 @@ def test_a_bad_layer_is_one_line_and_writes_nothing(data, tmp_path, layer, messa
 
 def test_explain_writes_the_figure_of_the_top_concepts(reference, data, tmp_path):
     pytest.importorskip("matplotlib")
-    lrp, own = own_pass(data)
+    _, own = own_pass(data)
     name = sorted(own)[4]
     image = data / "data" / name
     for atlas in ([], ["--atlas", reference[0]]):

@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["COLUMNS", "RunStore", "RunMismatch", "read_results", "write_failures", "pyarrow"]
+__all__ = ["COLUMNS", "RunStore", "RunMismatch", "read_results", "read_failures", "write_failures", "pyarrow"]
 
 #: the columns of the result rows
 COLUMNS = ("image", "index", "label", "target", "method", "fill", "order", "metric", "layer", "value", "curve")
@@ -162,8 +162,13 @@ def read_results(out: Path):
     parts = sorted((out / "results").glob("part-*.parquet"))
     tables = [pa.parquet.read_table(p) for p in parts]
     table = pa.concat_tables(tables) if tables else _schema().empty_table()
+    return table, read_failures(out)
+
+
+def read_failures(out: Path) -> list[tuple[int, str, str]]:
+    """The ``(index, image, reason)`` of the images of ``out`` that could not be read, sorted."""
     failures = []
-    for part in sorted((out / "failures").glob("part-*.csv")):
+    for part in sorted((Path(out) / "failures").glob("part-*.csv")):
         with part.open(newline="") as handle:
             failures += [(int(r["index"]), r["image"], r["reason"]) for r in csv.DictReader(handle)]
-    return table, sorted(failures)
+    return sorted(failures)
