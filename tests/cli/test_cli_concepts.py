@@ -105,6 +105,7 @@ def own_pass(data: Path):
     return lrp, found
 
 
+@pytest.mark.filterwarnings("ignore:.*receive no relevance")
 def test_the_maxima_are_those_of_each_image_explained_alone(reference, data):
     out, stdout = reference
     table = maxima(out)
