@@ -45,7 +45,8 @@ def add_concepts(subparsers) -> None:
     e = sub.add_parser("explain", help="the top concepts of one image's prediction",
                        description="Explain the prediction of each image at --layer: one figure per image with its "
                        "top concepts (channels), their share of the layer's relevance, their conditional heatmaps and, "
-                       "with --atlas, their reference crops from an `lrpx concepts --data` run.")
+                       "with --atlas, their reference crops by relevance from an `lrpx concepts --data` run; the shares "
+                       "also go to IMAGE-concepts.json.")
     e.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (anything Pillow reads)")
     _add_model(e, required=True)
     e.add_argument("--top", type=positive, default=5, metavar="K", help="concepts per image (default: 5)")

@@ -218,6 +218,7 @@ def test_explain_writes_the_figure_of_the_top_concepts(reference, data, tmp_path
     _, own = own_pass(data)
     name = sorted(own)[4]
     image = data / "data" / name
+    widths = []
     for atlas in ([], ["--atlas", reference[0]]):
         out = tmp_path / f"out{len(atlas)}"
         code, stdout, stderr = run_cli(["concepts", "explain", image, "--model", "shapes_vgg", "--weights",
@@ -225,6 +226,7 @@ def test_explain_writes_the_figure_of_the_top_concepts(reference, data, tmp_path
         assert code == 0, stderr
         with Image.open(out / f"{image.stem}-concepts.png") as figure:
             assert figure.format == "PNG" and figure.height > figure.width / 2
+            widths.append(figure.width)
         found = json.loads((out / f"{image.stem}-concepts.json").read_text())
         relevance = own[name][2]
         order = sorted(range(CHANNELS), key=lambda c: -float(relevance[c]))[:4]
@@ -232,6 +234,7 @@ def test_explain_writes_the_figure_of_the_top_concepts(reference, data, tmp_path
         for c in found["concepts"]:
             assert c["share"] == pytest.approx(float(relevance[c["channel"]] / relevance.sum()), rel=1e-4)
         assert "top concepts at 0.10: channel" in stdout
+    assert widths[1] > widths[0]  # with --atlas: the reference crops, TOP of them, beside each concept
     code, _, stderr = run_cli(["concepts", "explain", image, "--model", "shapes_vgg", "--weights", data / "vgg.pt",
                                "--layer", "0.6", "--out", tmp_path / "x", "--atlas", reference[0]])
     assert code == 2 and "was made with layer '0.10', not '0.6'" in stderr, stderr
