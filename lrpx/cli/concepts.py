@@ -229,10 +229,15 @@ def _figure(path: Path, image, relevance, concepts: list[dict], atlas, prep, arg
                              prep.transform)
         position = {record.index: k for k, record in enumerate(dataset.records)}
         heatmaps = read_heatmaps(args.atlas)
+        missing = 0
         for concept in concepts:
             mine = sorted((r for r in rows if r["channel"] == concept["channel"]),
                           key=lambda r: r["rank"])
             concept["references"] = reference_crops(mine, _ByIndex(dataset, position), heatmaps, prep.to_pixels)
+            missing += len(mine) - len(concept["references"])
+        if missing:
+            print(f"lrpx: {missing} reference image(s) of --atlas {args.atlas} could not be read below "
+                  f"{dataset.root}; the figure shows the others", file=sys.stderr)
     fig = concepts_figure(pixels, relevance, concepts, title=title)
     fig.savefig(path, dpi=100)
 
