@@ -8,6 +8,14 @@
 against zennit-crp's ``CondAttribution`` with the same conditions in one call, interleaved,
 medians after a warm-up; the time of one plain explanation is the baseline. Random weights,
 float32. Also prints how far the two heatmaps are apart.
+
+    python benchmarks/bench_concepts.py --atlas --model shapes_vgg --layer 0.10 --images 512 --top 8
+
+``--atlas``: the concept atlas pass over a data set (:func:`lrpx.atlas.concept_atlas`, one
+process, tables only, then once more with the PNG per channel) against plain explanations of
+the same images in batches of ``--batch``, in images per second, in the same run. The images
+are shapes images (``shapes_vgg``, ``shapes_resnet``, random weights) or random ``--size``
+images (torchvision models, random weights).
 """
 from __future__ import annotations
 
@@ -29,8 +37,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--atlas", action="store_true", help="time the atlas pass over a data set instead")
+    parser.add_argument("--images", type=int, default=512, help="--atlas: images of the data set")
+    parser.add_argument("--top", type=int, default=8, help="--atlas: reference images per channel and kind")
+    parser.add_argument("--batch", type=int, default=16, help="--atlas: images per pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.atlas:
+        atlas(args)
+        return
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, weights=None).eval()
     for p in model.parameters():
@@ -76,6 +91,56 @@ def main() -> None:
         speedup = statistics.median(times["zennit-crp conditional"]) / statistics.median(times["lrpx conditional"])
         gap = float((ours - other).abs().max() / other.abs().max())
         print(f"\nlrpx is {speedup:.1f}x faster than zennit-crp; heatmaps differ by {gap:.1e} of their largest value")
+
+
+def atlas(args) -> None:
+    import tempfile
+
+    from lrpx import datasets as ds
+    from lrpx.atlas import concept_atlas
+    from lrpx.atlas.tables import read_references
+
+    torch.manual_seed(0)
+    if args.model.startswith("shapes_"):
+        model = ds.MODELS[args.model.removeprefix("shapes_")]().eval()
+        images = ds.normalize(ds.make_shapes(args.images, seed=7).images)
+    else:
+        model = torchvision.models.get_model(args.model, weights=None).eval()
+        images = torch.randn(args.images, 3, args.size, args.size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lrp = lrpx.convert(model, lrpx.composites.epsilon_plus())
+    data = [(image, -1) for image in images]
+    lrpx.explain(lrp, images[:args.batch])  # warm-up
+
+    def plain() -> None:
+        for batch in images.split(args.batch):
+            lrpx.explain(lrp, batch)
+
+    times: dict[str, list[float]] = {"plain": [], "tables": [], "figures": []}
+    with tempfile.TemporaryDirectory() as folder:
+        steps = {"plain": plain,
+                 "tables": lambda: concept_atlas(lrp, data, layer=args.layer, out=f"{folder}/tables", top=args.top,
+                                                 batch_size=args.batch, progress=False, figures=False, overwrite=True),
+                 "figures": lambda: concept_atlas(lrp, data, layer=args.layer, out=f"{folder}/figures", top=args.top,
+                                                  batch_size=args.batch, progress=False, overwrite=True)}
+        for _ in range(args.repeat):  # interleaved, medians: other load on the machine hits every run alike
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        heatmaps = len(read_references(f"{folder}/tables"))
+    plain, tables, figures = (statistics.median(times[k]) for k in ("plain", "tables", "figures"))
+    channels = lrpx.explain(lrp, images[:1], record=[args.layer]).recorded[args.layer].shape[1]
+    n = args.images
+    print(f"{args.model}, layer {args.layer} ({channels} channels), {n} images of {tuple(images.shape[1:])}, "
+          f"top {args.top}, batches of {args.batch}, {args.threads} threads, torch {torch.__version__}, medians of "
+          f"{args.repeat}")
+    print("| run | time | images/s | / plain explanations |\n|---|---|---|---|")
+    print(f"| plain explanations | {plain:.1f} s | {n / plain:.1f} | 1.0 |")
+    print(f"| atlas, tables | {tables:.1f} s | {n / tables:.1f} | {tables / plain:.1f} |")
+    print(f"| atlas, tables and {channels} PNGs | {figures:.1f} s | {n / figures:.1f} | {figures / plain:.1f} |")
+    print(f"\n{heatmaps} conditional heatmaps of reference images (at most 2 x {channels} channels x {args.top})")
 
 
 if __name__ == "__main__":

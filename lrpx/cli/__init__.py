@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(subparsers)
     _add_evaluate(subparsers)
     _add_report(subparsers)
+    from .concepts import add_concepts
+
+    add_concepts(subparsers)
     return parser
 
 

@@ -10,7 +10,7 @@ not depend on how many processes ran or where a run was stopped.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,8 @@ from .metrics import Batch, MetricSettings, check_metrics, metric_rows
 from .sources import ImageFiles, Record, collate
 from .store import RunStore
 
-__all__ = ["evaluate_dataset", "DistributedContext", "distributed_context", "Method"]
+__all__ = ["evaluate_dataset", "DistributedContext", "distributed_context", "Method", "open_run", "stream",
+           "BatchStep"]
 
 #: a method: the model to explain -> ``(x, target) -> relevance``
 Method = Callable[[nn.Module], Callable[[Tensor, Tensor], Tensor]]
@@ -146,13 +147,7 @@ def evaluate_dataset(
     try:
         if context.rank == 0:
             _check_labels(model.to(context.device), dataset, context.device)
-            store.open(recorded, overwrite=overwrite)
-        context.barrier()
-        if context.rank != 0:
-            store.open(recorded)
-        done = store.done()
-        context.barrier()
-        mine = [i for i in range(context.rank, len(dataset), context.world_size) if i not in done]
+        mine = open_run(store, context, recorded, range(len(dataset)), overwrite=overwrite)
         _run(model.to(context.device), dataset, mine, methods, metrics, store, context,
              settings=settings, batch_size=batch_size, workers=workers, seed=seed, save_relevance=save_relevance,
              progress=progress)
@@ -185,21 +180,41 @@ def _check_labels(model: nn.Module, dataset, device: torch.device) -> None:
                          f"(0..{classes - 1}); the class folders must match the model's classes")
 
 
-def _run(model, dataset, indices: list[int], methods: dict[str, Method], metrics, store: RunStore,
-         context: DistributedContext, *, settings: MetricSettings, batch_size: int, workers: int, seed: int,
-         save_relevance: bool, progress: bool) -> None:
+def open_run(store: RunStore, context: DistributedContext, settings: Mapping[str, object], indices: Iterable[int],
+             *, overwrite: bool = False) -> list[int]:
+    """Open ``store`` on every rank (rank 0 first: it writes or checks the manifest) and return
+    this rank's share of ``indices`` that no part holds yet.
+
+    The share is fixed by the position in ``indices``: position ``p`` goes to rank
+    ``p mod world_size``, so a resumed run, on any number of ranks, never does an image twice.
+    """
+    if context.rank == 0:
+        store.open(dict(settings), overwrite=overwrite)
+    context.barrier()
+    if context.rank != 0:
+        store.open(dict(settings))
+    done = store.done()
+    context.barrier()
+    return [i for p, i in enumerate(indices) if p % context.world_size == context.rank and i not in done]
+
+
+#: what :func:`stream` does with one batch: ``(records, images, masks) -> (rows, tensors)``
+BatchStep = Callable[[list[Record], Tensor, "Tensor | None"], tuple[list[dict], dict]]
+
+
+def stream(dataset, indices: list[int], store: RunStore, context: DistributedContext, step: BatchStep, *,
+           batch_size: int, workers: int, progress: bool, desc: str = "evaluating") -> None:
+    """Run ``step`` over the images ``indices`` of ``dataset`` in batches and write each batch
+    as one part of ``store`` (its rows, its tensors, its unreadable images), with the progress
+    of every rank shown by rank 0."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          num_workers=workers, collate_fn=collate, shuffle=False,
                                          persistent_workers=False, pin_memory=context.device.type == "cuda")
-    explainers = {name: method(model) for name, method in methods.items()}
     part, done = store.next_part(), 0
     store.report_progress(0, len(indices))
-    bar = tqdm(total=len(indices), disable=not progress or context.rank != 0, unit="image", desc="evaluating")
+    bar = tqdm(total=len(indices), disable=not progress or context.rank != 0, unit="image", desc=desc)
     for records, images, masks, failures in loader:
-        rows, maps = [], {}
-        if images is not None:
-            rows, maps = _evaluate_batch(model, records, images, masks, methods, explainers, metrics,
-                                         context.device, settings, seed, save_relevance)
+        rows, maps = step(records, images, masks) if images is not None else ([], {})
         store.write(part, rows, [(r.index, r.path, reason) for r, reason in failures], maps)
         part, done = part + 1, done + len(records) + len(failures)
         store.report_progress(done, len(indices))
@@ -208,6 +223,18 @@ def _run(model, dataset, indices: list[int], methods: dict[str, Method], metrics
             bar.total, bar.n = max(total, 1), finished
             bar.refresh()
     bar.close()
+
+
+def _run(model, dataset, indices: list[int], methods: dict[str, Method], metrics, store: RunStore,
+         context: DistributedContext, *, settings: MetricSettings, batch_size: int, workers: int, seed: int,
+         save_relevance: bool, progress: bool) -> None:
+    explainers = {name: method(model) for name, method in methods.items()}
+
+    def step(records, images, masks):
+        return _evaluate_batch(model, records, images, masks, methods, explainers, metrics, context.device,
+                               settings, seed, save_relevance)
+
+    stream(dataset, indices, store, context, step, batch_size=batch_size, workers=workers, progress=progress)
 
 
 def _evaluate_batch(model, records: list[Record], images: Tensor, masks, methods, explainers, metrics, device,

@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["COLUMNS", "RunStore", "RunMismatch", "read_results", "write_failures", "pyarrow"]
+__all__ = ["COLUMNS", "RunStore", "RunMismatch", "read_results", "read_failures", "write_failures", "pyarrow"]
 
 #: the columns of the result rows
 COLUMNS = ("image", "index", "label", "target", "method", "fill", "order", "metric", "layer", "value", "curve")
@@ -61,10 +61,15 @@ def _atomic_write(path: Path, write) -> None:
 
 
 class RunStore:
-    """The output folder of one run, seen from one rank."""
+    """The output folder of one run, seen from one rank.
 
-    def __init__(self, out: Path, rank: int = 0) -> None:
-        self.out, self.rank = Path(out), rank
+    ``schema`` is the ``pyarrow`` schema of the result rows (default: the evaluation's
+    :data:`COLUMNS`); any schema with an ``index`` column works, as that column marks the
+    images done.
+    """
+
+    def __init__(self, out: Path, rank: int = 0, *, schema=None) -> None:
+        self.out, self.rank, self.schema = Path(out), rank, schema
         self.results, self.failures = self.out / "results", self.out / "failures"
         self.relevance, self.progress = self.out / "relevance", self.out / "progress"
 
@@ -122,7 +127,7 @@ class RunStore:
             _atomic_write(self.failures / f"{name}.csv", lambda p: write_failures(p, failures))
         if rows:
             pa = pyarrow()
-            table = pa.Table.from_pylist(list(rows), schema=_schema())
+            table = pa.Table.from_pylist(list(rows), schema=self.schema or _schema())
             _atomic_write(self.results / f"{name}.parquet", lambda p: pa.parquet.write_table(table, p))
 
     def report_progress(self, done: int, total: int) -> None:
@@ -157,8 +162,13 @@ def read_results(out: Path):
     parts = sorted((out / "results").glob("part-*.parquet"))
     tables = [pa.parquet.read_table(p) for p in parts]
     table = pa.concat_tables(tables) if tables else _schema().empty_table()
+    return table, read_failures(out)
+
+
+def read_failures(out: Path) -> list[tuple[int, str, str]]:
+    """The ``(index, image, reason)`` of the images of ``out`` that could not be read, sorted."""
     failures = []
-    for part in sorted((out / "failures").glob("part-*.csv")):
+    for part in sorted((Path(out) / "failures").glob("part-*.csv")):
         with part.open(newline="") as handle:
             failures += [(int(r["index"]), r["image"], r["reason"]) for r in csv.DictReader(handle)]
-    return table, sorted(failures)
+    return sorted(failures)
