@@ -23,6 +23,7 @@ from torch import nn
 
 from .canonizers import canonize_graph
 from .composites import Composite
+from .detection import adopt
 from .fusion import fuse_relus
 from .graph import ModelGraph
 from .layers import Add, Product, Twin, registry
@@ -106,6 +107,7 @@ def convert(
     twins = registry(twins)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
+    adopt(target)  # torchvision's detection modules: see lrpx.detection
     _check_leaves(target, twins)  # before tracing can fail on them
     target, graph = canonize_graph(target, twins, trace=trace)
     _check_parameters(target, twins, graph)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
+from .detection import UNTRACED
 from .layers import copy_hooks
 
 __all__ = ["ModelGraph", "TraceError", "trace_children_as_leaves", "chain_graph", "join"]
@@ -90,7 +91,7 @@ class ModelGraph:
             return
         if type(module) is nn.Sequential:
             self.graphs[name] = chain_graph(module)
-        elif trace and _has_forward(module):
+        elif trace and _has_forward(module) and not isinstance(module, UNTRACED):
             self.graphs[name] = _trace(module, name)
         for child_name, child in children:
             self._visit(child, join(name, child_name), trace, whole)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ModelGraph
-from .layers import Add, Interpolate, Mean, Product
+from .layers import Add, Interpolate, Mean, Normalize, Product
 
 __all__ = ["rewrite_functional", "RESHAPES", "tags"]
 
@@ -43,6 +43,7 @@ _FUNCTIONS: dict = {
     F.avg_pool3d: (nn.AvgPool3d, _POOL_ARGS), F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
     F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
     F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)), torch.mean: (Mean, ("dim", "keepdim", "dtype")),
+    F.normalize: (Normalize, ("p", "dim", "eps")),
 }
 #: the parameters of ``F.interpolate`` after the input, in order
 _INTERPOLATE = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
