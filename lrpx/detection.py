@@ -147,6 +147,8 @@ def _source_rows(run: Callable[[Any], list[tuple[Tensor, Tensor]]], head: dict[s
                 tree = {k: [_zero(next(it), t) for t in v] if isinstance(v, list) else _zero(next(it), v)
                         for k, v in copies.items()}
                 weight = rows(tree, image).abs().sum(-1)
+                if not bool(torch.isfinite(weight).all()):
+                    raise FloatingPointError(f"the head outputs behind detection {i} of image {image} are not finite")
                 if not bool(weight.max() > 0):
                     raise RuntimeError(f"cannot tell which proposal or anchor detection {i} of image {image} came "
                                        "from: its score and box do not change with any (saturated)")

@@ -287,7 +287,7 @@ def randomized_detector(name: str, seed: int = 0, frozen: bool = False) -> nn.Mo
     def calibrate(m, args):
         x = args[0]
         m.running_mean.copy_(x.mean((0, 2, 3)) * (0.8 + 0.4 * torch.rand(x.shape[1], generator=g)))
-        m.running_var.copy_(x.var((0, 2, 3)) * (0.8 + 0.4 * torch.rand(x.shape[1], generator=g)) + 1e-3)
+        m.running_var.copy_(x.var((0, 2, 3), correction=0) * (0.8 + 0.4 * torch.rand(x.shape[1], generator=g)) + 1e-3)
 
     handles = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     size = DETECTION[name][0]
