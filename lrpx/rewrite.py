@@ -43,7 +43,7 @@ _FUNCTIONS: dict = {
     F.avg_pool3d: (nn.AvgPool3d, _POOL_ARGS), F.adaptive_avg_pool1d: (nn.AdaptiveAvgPool1d, ("output_size",)),
     F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
     F.adaptive_avg_pool3d: (nn.AdaptiveAvgPool3d, ("output_size",)), torch.mean: (Mean, ("dim", "keepdim", "dtype")),
-    F.normalize: (Normalize, ("p", "dim", "eps")),
+    F.normalize: (Normalize, ("p", "dim", "eps", "out")),
 }
 #: the parameters of ``F.interpolate`` after the input, in order
 _INTERPOLATE = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")

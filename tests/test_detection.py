@@ -159,6 +159,30 @@ def test_frozen_batchnorm_twin_and_folding():
     assert isinstance(model[1], FrozenBatchNorm2d) and type(model[1]) is FrozenBatchNorm2d  # user's model unchanged
 
 
+class L2Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.scale.view(1, -1, 1, 1) * nn.functional.normalize(self.conv(x))
+
+
+def test_l2_normalisation_passes_relevance_unchanged():
+    torch.manual_seed(0)
+    model = L2Scaled().double().eval()
+    lrp = lrpx.convert(model, lrpx.Composite(default=Epsilon(0.0)))
+    assert sum(isinstance(m, lrpx.layers.Normalize) for m in lrp.modules()) == 1
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(lrp(x), model(x), rtol=1e-14, atol=1e-14)
+    xin = x.clone().requires_grad_()
+    y = lrp(xin)
+    (rel,) = torch.autograd.grad(y, xin, y.detach())
+    # the constant scale and the norm pass relevance; the bias-free conv with LRP-0 conserves it
+    torch.testing.assert_close(rel.sum((1, 2, 3)), y.detach().sum((1, 2, 3)), rtol=1e-10, atol=1e-12)
+
+
 def explained(lrp, x, index=0):
     """Relevance of detection ``index`` of each image, the explained logits and the relevance
     absorbed, accounted for from the rule definitions (``zoo.Recorder``)."""

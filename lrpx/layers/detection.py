@@ -175,7 +175,10 @@ class Normalize(Twin, nn.Module):
 
     lrp_kind = "elementwise"
 
-    def __init__(self, p: float = 2.0, dim: int = 1, eps: float = 1e-12, rule: Rule | None = None) -> None:
+    def __init__(self, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: None = None,
+                 rule: Rule | None = None) -> None:
+        if out is not None:
+            raise ValueError("Normalize computes out of place: out must be None")
         super().__init__()
         self.p, self.dim, self.eps = float(p), int(dim), float(eps)
         self.rule = Pass() if rule is None else rule
@@ -183,7 +186,7 @@ class Normalize(Twin, nn.Module):
 
     @classmethod
     def from_module(cls, module: "Normalize", rule: Rule) -> "Normalize":
-        return cls(module.p, module.dim, module.eps, rule)
+        return cls(module.p, module.dim, module.eps, rule=rule)
 
     def forward(self, input: Tensor) -> Tensor:
         return lrp_apply(ElementwiseOps(_normalized(self.p, self.dim, self.eps)), self.rule, input)
