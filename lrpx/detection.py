@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .core import lrp_apply
 from .layers import Add, Interpolate
@@ -133,10 +134,9 @@ def _source_rows(run: Callable[[Any], list[tuple[Tensor, Tensor]]], head: dict[s
     ``(rows, features)`` matrix per image. Returns the post-processing's result and, per image,
     the row index of each detection.
     """
-    copies = {k: [t.detach().requires_grad_(True) for t in v] if isinstance(v, list)
-              else v.detach().requires_grad_(True) for k, v in head.items()}
-    leaves = [t for v in copies.values() for t in (v if isinstance(v, list) else [v])]
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # also under inference mode: on plain copies
+        copies = tree_map(lambda t: _plain(t).requires_grad_(True), head)
+        leaves = [t for v in copies.values() for t in (v if isinstance(v, list) else [v])]
         result, per_image = run(copies)
         found = []
         for image, (scores, boxes) in enumerate(per_image):
@@ -155,6 +155,14 @@ def _source_rows(run: Callable[[Any], list[tuple[Tensor, Tensor]]], head: dict[s
                 index.append(int(weight.argmax()))
             found.append(torch.tensor(index, dtype=torch.long))
     return result, found
+
+
+def _plain(t: Any) -> Any:
+    """A tensor detached, and copied out of inference mode if it was made there (the
+    post-processing runs on copies with autograd); other values as they are."""
+    if not isinstance(t, Tensor):
+        return t
+    return t.detach().clone() if t.is_inference() else t.detach()
 
 
 def _zero(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -181,7 +189,8 @@ class _SingleStage:
 
     def postprocess_detections(self, head_outputs, anchors, image_sizes):
         def run(copies):
-            result = super(_SingleStage, self).postprocess_detections(copies, anchors, image_sizes)
+            plain = tree_map(_plain, anchors)
+            result = super(_SingleStage, self).postprocess_detections(copies, plain, image_sizes)
             return result, [(r["scores"], r["boxes"]) for r in result]
 
         result, found = _source_rows(run, dict(head_outputs), _per_image)
@@ -202,7 +211,7 @@ class LRPRoIHeads(RoIHeads if GeneralizedRCNN is not None else nn.Module):
 
         def run(copies):
             boxes, scores, labels = super(LRPRoIHeads, self).postprocess_detections(
-                copies["class_logits"], copies["box_regression"], proposals, image_shapes)
+                copies["class_logits"], copies["box_regression"], tree_map(_plain, proposals), image_shapes)
             return (boxes, scores, labels), list(zip(scores, boxes))
 
         def rows(tree, image):

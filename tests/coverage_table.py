@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lrpx  # noqa: E402
-from lrpx.layers import KEPT, Add, Interpolate, Mean, Product  # noqa: E402
+from lrpx.layers import KEPT, Add, Interpolate, Mean, Normalize, Product  # noqa: E402
 from lrpx.layers.detection import DETECTION_KEPT  # noqa: E402
 from zoo import DETECTION, FAMILIES, SEGMENTATION, SSD_SIZES  # noqa: E402
 
@@ -44,7 +44,7 @@ def _rewrites(original: nn.Module, model: nn.Module) -> str:
     for name, m in model.named_modules():
         if name in before:
             continue
-        if isinstance(m, (Add, Mean, Product, Interpolate)):
+        if isinstance(m, (Add, Mean, Product, Interpolate, Normalize)):
             added[type(m).__name__] += 1
         elif isinstance(m, lrpx.layers.Twin):
             added[next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn")).__name__] += 1

@@ -243,7 +243,9 @@ def check_family(name, frozen, batch=1):
 
 
 def test_faster_rcnn_with_frozen_batchnorms_converts_and_accounts_for_relevance():
+    before = randomized_detector("fasterrcnn_resnet50_fpn", frozen=True).state_dict()
     net, lrp = check_family("fasterrcnn_resnet50_fpn", frozen=True, batch=2)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert any(type(m) is FrozenBatchNorm2d for m in net.modules())
     assert type(net.roi_heads) is torchvision.models.detection.roi_heads.RoIHeads  # not mutated
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in lrp.modules())  # folded
@@ -286,6 +288,11 @@ def test_detection_target_picks_one_logit_and_refuses_bad_input():
         detection(0)(net(x))
     with pytest.raises(TypeError, match="needs the list of dicts"):
         detection(0)(torch.zeros(2, 4))
+    with torch.inference_mode():  # detections only, also in inference mode: the same ones
+        again = lrp(x)
+    for a, b in zip(again, out):
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["class_logits"], b["class_logits"], rtol=0, atol=0)
     empty = lrpx.convert(rcnn(box_score_thresh=1.0))  # softmax scores never exceed 1: no detections
     with pytest.raises(ValueError, match="detection 0 does not exist: image 0 has no detections"):
         lrpx.explain(empty, x, detection(0))
