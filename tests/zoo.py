@@ -255,7 +255,7 @@ DETECTION: dict[str, tuple[tuple[int, int], dict]] = {
                                                   "topk_candidates": 20}),
 }
 #: SSD models fix their input size in the constructor: the size each family is resized to here
-SSD_SIZES = {"ssd300_vgg16": 300, "ssdlite320_mobilenet_v3_large": 160}
+SSD_SIZES = {"ssd300_vgg16": 268, "ssdlite320_mobilenet_v3_large": 160}
 
 
 def frozen_batchnorms(model: nn.Module) -> nn.Module:
