@@ -233,6 +233,16 @@ def check_family(name, frozen, batch=1):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-8)
         assert torch.equal(b["labels"], a["labels"])
         assert b["class_logits"].shape == (len(a["boxes"]), 5)
+        # each detection's logit row is the one its reported score was computed from
+        picked = b["class_logits"].gather(1, b["labels"].view(-1, 1)).squeeze(1)
+        if name.startswith(("retinanet", "fcos")):  # sigmoid scores (FCOS: times a centre-ness <= 1)
+            probability = torch.sigmoid(picked)
+        else:  # softmax scores over the classes and the background
+            probability = torch.softmax(b["class_logits"], 1).gather(1, b["labels"].view(-1, 1)).squeeze(1)
+        if name.startswith("fcos"):
+            assert (b["scores"] ** 2 <= probability + 1e-12).all()
+        else:
+            torch.testing.assert_close(probability, b["scores"], rtol=1e-10, atol=1e-12)
     rel, score, absorbed, _ = explained(lrp, x)
     assert torch.isfinite(rel).all() and rel.abs().sum() > 0
     assert abs(float(rel.sum() + absorbed - score)) <= 1e-8 * max(1.0, abs(float(score))), \
