@@ -130,31 +130,55 @@ def _source_rows(run: Callable[[Any], list[tuple[Tensor, Tensor]]], head: dict[s
     per image, the row (proposal or anchor) each detection came from.
 
     ``run(copies)`` returns what the original post-processing returns and the ``(scores,
-    boxes)`` of each image; ``rows(tensors, image)`` lays a structure like ``head`` out as one
-    ``(rows, features)`` matrix per image. Returns the post-processing's result and, per image,
-    the row index of each detection.
+    boxes)`` of each image; ``rows(tensors, image)`` lays a structure like ``head``, with a
+    leading dimension of detections, out as one ``(detections, rows, features)`` tensor of an
+    image. Returns the post-processing's result and, per image, the row index of each detection.
     """
     with torch.inference_mode(False), torch.enable_grad():  # also under inference mode: on plain copies
         copies = tree_map(lambda t: _plain(t).requires_grad_(True), head)
         leaves = [t for v in copies.values() for t in (v if isinstance(v, list) else [v])]
         result, per_image = run(copies)
+        # the Jacobian of each detection's score + box sum, a few detections per backward pass
+        chunk = max(1, _JACOBIAN_ENTRIES // max(1, sum(t.numel() for t in leaves)))
         found = []
         for image, (scores, boxes) in enumerate(per_image):
+            total = scores + boxes.sum(-1)
             index = []
-            for i in range(len(scores)):
-                grads = torch.autograd.grad(scores[i] + boxes[i].sum(), leaves, retain_graph=True, allow_unused=True)
+            for start in range(0, len(total), chunk):
+                picks = torch.arange(start, min(start + chunk, len(total)), device=total.device)
+                grads = _jacobian_rows(total, picks, leaves)
                 it = iter(grads)
-                tree = {k: [_zero(next(it), t) for t in v] if isinstance(v, list) else _zero(next(it), v)
-                        for k, v in copies.items()}
-                weight = rows(tree, image).abs().sum(-1)
-                if not bool(torch.isfinite(weight).all()):
-                    raise FloatingPointError(f"the head outputs behind detection {i} of image {image} are not finite")
-                if not bool(weight.max() > 0):
-                    raise RuntimeError(f"cannot tell which proposal or anchor detection {i} of image {image} came "
-                                       "from: its score and box do not change with any (saturated)")
-                index.append(int(weight.argmax()))
+                tree = {k: [next(it) for _ in v] if isinstance(v, list) else next(it) for k, v in copies.items()}
+                weight = rows(tree, image).abs().sum(-1)  # (detections, rows)
+                for i, w in zip(picks.tolist(), weight):
+                    if not bool(torch.isfinite(w).all()):
+                        raise FloatingPointError(f"the head outputs behind detection {i} of image {image} are not "
+                                                 "finite")
+                    if not bool(w.max() > 0):
+                        raise RuntimeError(f"cannot tell which proposal or anchor detection {i} of image {image} came "
+                                           "from: its score and box do not change with any (saturated)")
+                index += weight.argmax(-1).tolist()
             found.append(torch.tensor(index, dtype=torch.long))
     return result, found
+
+
+#: entries of the head outputs' Jacobian computed per backward pass (memory: 8 bytes each)
+_JACOBIAN_ENTRIES = 1 << 23
+
+
+def _jacobian_rows(total: Tensor, picks: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """``d total[picks] / d leaf`` for each leaf, ``(len(picks), *leaf.shape)`` (zeros where unused):
+    one batched backward pass, or one pass per pick where autograd cannot batch."""
+    grad_outputs = torch.zeros(len(picks), len(total), dtype=total.dtype, device=total.device)
+    grad_outputs[torch.arange(len(picks)), picks] = 1
+    try:
+        grads = torch.autograd.grad(total, leaves, grad_outputs, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)
+    except RuntimeError:  # an operation without a batching rule
+        each = [torch.autograd.grad(total, leaves, g, retain_graph=True, allow_unused=True) for g in grad_outputs]
+        grads = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*each))
+    return [torch.zeros((len(picks),) + t.shape, dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(grads, leaves)]
 
 
 def _plain(t: Any) -> Any:
@@ -165,17 +189,14 @@ def _plain(t: Any) -> Any:
     return t.detach().clone() if t.is_inference() else t.detach()
 
 
-def _zero(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
 def _per_image(tree: dict[str, Any], image: int) -> Tensor:
-    """Single-stage head outputs (``(B, rows, features)`` tensors, or lists of them per level)
-    as one ``(rows, features)`` matrix of ``image``."""
+    """Single-stage head outputs with a leading dimension of detections (``(D, B, rows,
+    features)`` tensors, or lists of them per level) as one ``(D, rows, features)`` tensor of
+    ``image``."""
     parts = []
     for value in tree.values():
         levels = value if isinstance(value, list) else [value]
-        parts.append(torch.cat([t[image] for t in levels], dim=0))
+        parts.append(torch.cat([t[:, image] for t in levels], dim=1))
     return torch.cat(parts, dim=-1)
 
 
@@ -216,7 +237,7 @@ class LRPRoIHeads(RoIHeads if GeneralizedRCNN is not None else nn.Module):
 
         def rows(tree, image):
             matrix = torch.cat([tree["class_logits"], tree["box_regression"]], dim=-1)
-            return matrix[starts[image]:starts[image] + counts[image]]
+            return matrix[:, starts[image]:starts[image] + counts[image]]
 
         (boxes, scores, labels), found = _source_rows(
             run, {"class_logits": class_logits, "box_regression": box_regression}, rows)
