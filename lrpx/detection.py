@@ -44,10 +44,10 @@ _PASS = Pass()
 
 try:
     from torchvision.models.detection import fcos, retinanet, ssd, ssdlite
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
     from torchvision.models.detection.roi_heads import RoIHeads
     from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
     from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 except ImportError:  # pragma: no cover - torchvision is a dependency

@@ -11,12 +11,17 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
+from zoo import DETECTION, Recorder, randomized_detector, stab
 
 import lrpx
-from lrpx.layers.detection import LRPConvTranspose2d, LRPFrozenBatchNorm2d, LRPMultiScaleRoIAlign, RoIAlignOps
+from lrpx.layers.detection import (
+    LRPConvTranspose2d,
+    LRPFrozenBatchNorm2d,
+    LRPMultiScaleRoIAlign,
+    RoIAlignOps,
+)
 from lrpx.rules import Epsilon, Norm
 from lrpx.targets import detection, matched_detection
-from zoo import DETECTION, Recorder, randomized_detector, sign0, stab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -279,7 +279,7 @@ def randomized_detector(name: str, seed: int = 0, frozen: bool = False) -> nn.Mo
     g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():  # small box offsets: boxes stay inside the image instead of being clipped away
         for module_name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d | nn.Linear) and ("bbox" in module_name or "regression_head" in module_name):
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and ("bbox" in module_name or "regression_head" in module_name):
                 m.weight.mul_(0.01)
     # BatchNorm statistics near those of the activations (randomly off by up to 20%), so that
     # they stay of order one through ResNet-50 and the FPN: each BatchNorm takes them from

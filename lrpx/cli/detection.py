@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import UsageError, check_choice, device, first_line, out_dir
-from .images import check_readable, load_images, output_names
+from .images import check_readable, output_names
 
 __all__ = ["run_explain_detection", "detection_models", "load_detector", "draw_boxes"]
 
