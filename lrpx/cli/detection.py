@@ -1,6 +1,6 @@
 """``lrpx explain --task detection``: heatmaps of one detection of a torchvision detection model
 (the class logit of that detection, see :func:`lrpx.targets.detection`), with its box drawn on
-the overlay and the other detections' boxes in grey."""
+the overlay and the boxes of up to 10 other detections with a score of at least 0.5 in grey."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,8 @@ __all__ = ["run_explain_detection", "detection_models", "load_detector", "draw_b
 
 #: colours of the explained detection's box and of the others
 _CHOSEN, _OTHER = (1.0, 0.85, 0.0), (0.55, 0.55, 0.55)
+#: the other detections outlined: at most this many, with at least this score
+_OTHERS, _OTHERS_SCORE = 10, 0.5
 
 
 def detection_models() -> list[str]:
@@ -125,16 +127,19 @@ def run_explain_detection(args: argparse.Namespace) -> int:
         relevance = result.relevance
         heat = image.heatmap(relevance, percentile=args.percentile, gamma=args.gamma)
         over = image.overlay(x, relevance, percentile=args.percentile, gamma=args.gamma)
-        others = torch.cat([found["boxes"][:index], found["boxes"][index + 1:]]).cpu()
+        keep = (found["scores"] >= _OTHERS_SCORE).nonzero().flatten()
+        keep = keep[keep != index][:_OTHERS]
+        others = found["boxes"][keep].cpu()
         over = draw_boxes(draw_boxes(over, others, _OTHER), found["boxes"][index:index + 1].cpu(), _CHOSEN, 2)
         out = out or out_dir(args.out)
         heat_path = image.save_png(heat[0], out / f"{name}_heatmap.png")
         over_path = image.save_png(over[0], out / f"{name}_overlay.png")
         label = int(found["labels"][index])
         explained = label if args.class_index is None else args.class_index
-        text = categories[explained] if explained < len(categories) and classes == len(categories) else f"class {explained}"
+        known = explained < len(categories) and classes == len(categories)
+        text = f"{categories[explained]} (class {explained})" if known else f"class {explained}"
         box = ", ".join(f"{v:.1f}" for v in found["boxes"][index].tolist())
-        print(f"{path}: explained detection {index} of {count}: {text} (class {explained}), score "
+        print(f"{path}: explained detection {index} of {count}: {text}, score "
               f"{float(found['scores'][index]):.3f}, box ({box}); logit {float(result.score[0]):.3f}")
         print(f"  heatmap: {heat_path}  overlay: {over_path}")
     return 0
