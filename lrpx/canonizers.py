@@ -28,8 +28,8 @@ from .rewrite import rewrite_functional
 
 __all__ = ["canonize", "canonize_graph", "fold_batchnorm", "fold_batchnorms", "out_of_place", "TraceError"]
 
-_FOLDABLE = {nn.Linear: (nn.BatchNorm1d,), nn.Conv1d: (nn.BatchNorm1d,), nn.Conv2d: (nn.BatchNorm2d, FrozenBatchNorm2d),
-             nn.Conv3d: (nn.BatchNorm3d,)}
+_FOLDABLE = {nn.Linear: (nn.BatchNorm1d,), nn.Conv1d: (nn.BatchNorm1d,),
+             nn.Conv2d: (nn.BatchNorm2d, FrozenBatchNorm2d), nn.Conv3d: (nn.BatchNorm3d,)}
 
 
 def fold_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:

@@ -3,7 +3,8 @@
 The conversion is a fixed sequence of passes over one model graph
 (:class:`lrpx.graph.ModelGraph`, each module traced at most once):
 
-1. copy the model (unless ``inplace``) and put it in eval mode;
+1. copy the model (unless ``inplace``), put it in eval mode and give torchvision's detection
+   modules their routing classes (:func:`lrpx.detection.adopt`);
 2. check that every leaf has a twin or is kept (:class:`UnsupportedModuleError`);
 3. canonize: trace, fold BatchNorms, rewrite functional operations into layers
    (:mod:`lrpx.canonizers`, :mod:`lrpx.rewrite`);

@@ -25,8 +25,8 @@ from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdap
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Product", "Interpolate", "Normalize", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
-           "batchnorm_affine",
+__all__ = ["Twin", "Add", "Mean", "Product", "Interpolate", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
+           "batchnorm_affine", "Normalize",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
            "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
 
