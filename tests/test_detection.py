@@ -362,3 +362,19 @@ def test_pixel_flipping_of_one_detection():
         torch.testing.assert_close(result.curve("morf")[:, step], torch.tensor(expected, dtype=torch.float64))
     # step 0 is the clean input: the detection matches itself
     torch.testing.assert_close(result.curve("morf")[:, 0], torch.stack([r["scores"][0] for r in e.output]))
+
+
+def test_saturated_scores_still_find_their_proposals():
+    """float32 scores of exactly 1.0 have no gradient; the boxes still tell the proposals apart."""
+    net = rcnn(box_score_thresh=0.0).float()
+    with torch.no_grad():
+        net.roi_heads.box_predictor.cls_score.bias[2] = 1000.0  # softmax(...)[2] == 1.0 for every proposal
+    lrp = lrpx.convert(net)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = net(x)[0], lrp(x)[0]
+    assert (ref["scores"] == 1.0).all() and (ref["labels"] == 2).all() and len(ref["boxes"]) == 3
+    assert torch.equal(out["labels"], ref["labels"]) and torch.equal(out["boxes"], ref["boxes"])
+    assert (out["class_logits"][:, 2] > 900).all()
+    e = lrpx.explain(lrp, x, detection(2))
+    assert torch.isfinite(e.relevance).all() and e.relevance.abs().sum() > 0
