@@ -1,6 +1,7 @@
 """Time an LRP explanation against a plain input-gradient on the same model, in one run.
 
     python benchmarks/bench_explain.py --models vgg16 resnet50 --batch 1 8 --threads 2
+    python benchmarks/bench_explain.py --models --detection fasterrcnn_resnet50_fpn --size 800
 
 Each row: median wall time of one explanation (forward + backward) and its ratio to the
 input-gradient baseline (forward + backward to the input, parameters frozen), measured in
@@ -140,9 +141,38 @@ def zennit_step(model, x, target, name):
     return run
 
 
+def detection_rows(names, args, device, dtype) -> None:
+    """Detection models: one explanation of the top detection's class logit
+    (``lrpx.targets.detection(0)``) against the input-gradient of the same detection's reported
+    score in the original model (forward, post-processing and backward to the input, both)."""
+    for name in names:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, min_size=args.size,
+                                             max_size=args.size).eval().to(device, dtype)
+        for p_ in model.parameters():
+            p_.requires_grad_(False)
+        lrp = lrpx.convert(model, lrpx.composites.epsilon_gamma_box(-3.0, 3.0))
+        x = torch.rand(1, 3, args.size, args.size, device=device, dtype=dtype)
+
+        def gradient():
+            xin = x.detach().requires_grad_()
+            return torch.autograd.grad(model(xin)[0]["scores"][0], xin)[0]
+
+        def explain():
+            return lrpx.explain(lrp, x, lrpx.targets.detection(0)).relevance
+
+        times = interleaved({"input-gradient (score)": gradient, "lrpx epsilon_gamma_box": explain}, device,
+                            args.repeat, warmup=1)
+        base = times["input-gradient (score)"]
+        for k, t in times.items():
+            print(f"| {name} | 1 | {k} | {1000 * t:.1f} | {t / base:.2f} | - | - |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["vgg16", "resnet50"])
+    p.add_argument("--models", nargs="*", default=["vgg16", "resnet50"])
+    p.add_argument("--detection", nargs="*", default=[], metavar="NAME",
+                   help="torchvision detection models, e.g. fasterrcnn_resnet50_fpn (--size: the shorter side)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeat", type=int, default=5)
@@ -208,6 +238,7 @@ def main(argv=None):
                 err = float((compiled - eager).abs().max() / eager.abs().max())
                 print(f"{name} batch {batch}: compiled vs eager epsilon_gamma_box relevance, "
                       f"max |difference| / max |eager| = {err:.1e}", flush=True)
+    detection_rows(args.detection, args, device, dtype)
 
 
 if __name__ == "__main__":

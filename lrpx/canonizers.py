@@ -20,14 +20,16 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .detection import adopt
 from .graph import ModelGraph, TraceError, join
+from .layers.detection import FrozenBatchNorm2d
 from .layers import batchnorm_affine, has_hooks, registry
 from .rewrite import rewrite_functional
 
 __all__ = ["canonize", "canonize_graph", "fold_batchnorm", "fold_batchnorms", "out_of_place", "TraceError"]
 
-_FOLDABLE = {nn.Linear: (nn.BatchNorm1d,), nn.Conv1d: (nn.BatchNorm1d,), nn.Conv2d: (nn.BatchNorm2d,),
-             nn.Conv3d: (nn.BatchNorm3d,)}
+_FOLDABLE = {nn.Linear: (nn.BatchNorm1d,), nn.Conv1d: (nn.BatchNorm1d,),
+             nn.Conv2d: (nn.BatchNorm2d, FrozenBatchNorm2d), nn.Conv3d: (nn.BatchNorm3d,)}
 
 
 def fold_batchnorm(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
@@ -110,6 +112,7 @@ def canonize_graph(model: nn.Module, twins: dict[type[nn.Module], type[nn.Module
     if any(m.training for m in model.modules()):
         raise ValueError("canonize needs an eval-mode model: call model.eval() first "
                          "(lrpx.convert does this on its copy)")
+    adopt(model)  # torchvision's detection modules (lrpx.detection)
     out_of_place(model)
     whole = tuple(cls for cls, twin in twins.items() if twin is not None)
     graph = ModelGraph.build(model, trace=trace, whole=whole, known=set(twins))

@@ -3,7 +3,8 @@
 The conversion is a fixed sequence of passes over one model graph
 (:class:`lrpx.graph.ModelGraph`, each module traced at most once):
 
-1. copy the model (unless ``inplace``) and put it in eval mode;
+1. copy the model (unless ``inplace``), put it in eval mode and give torchvision's detection
+   modules their routing classes (:func:`lrpx.detection.adopt`);
 2. check that every leaf has a twin or is kept (:class:`UnsupportedModuleError`);
 3. canonize: trace, fold BatchNorms, rewrite functional operations into layers
    (:mod:`lrpx.canonizers`, :mod:`lrpx.rewrite`);
@@ -23,6 +24,7 @@ from torch import nn
 
 from .canonizers import canonize_graph
 from .composites import Composite
+from .detection import adopt
 from .fusion import fuse_relus
 from .graph import ModelGraph
 from .layers import Twin, registry
@@ -108,6 +110,7 @@ def convert(
                         f"got {type(composite).__name__}")
     target = model if inplace else copy.deepcopy(model)
     target.eval()
+    adopt(target)  # torchvision's detection modules: see lrpx.detection
     twins = registry(twins, target)
     opened = _check_leaves(target, twins, trace)  # before tracing can fail on them
     target, graph = canonize_graph(target, twins, trace=trace)

@@ -19,6 +19,7 @@ import torch.fx._symbolic_trace as _symbolic_trace
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .detection import UNTRACED
 from .layers import copy_hooks
 
 __all__ = ["ModelGraph", "TraceError", "trace_children_as_leaves", "chain_graph", "join"]
@@ -191,7 +192,7 @@ class ModelGraph:
             return
         if type(module) is nn.Sequential:
             self.graphs[name] = chain_graph(module)
-        elif trace and _has_forward(module):
+        elif trace and _has_forward(module) and not isinstance(module, UNTRACED):
             try:
                 self.graphs[name] = _trace(module, name, sites.get(name, []))
             except TraceError as err:

@@ -23,8 +23,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lrpx  # noqa: E402
-from lrpx.layers import KEPT, Add, Interpolate, Mean, Product  # noqa: E402
-from zoo import FAMILIES, SEGMENTATION  # noqa: E402
+from lrpx.layers import KEPT, Add, Interpolate, Mean, Normalize, Product  # noqa: E402
+from lrpx.layers.detection import DETECTION_KEPT  # noqa: E402
+from zoo import DETECTION, FAMILIES, SEGMENTATION, SSD_SIZES  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
@@ -43,7 +44,7 @@ def _rewrites(original: nn.Module, model: nn.Module) -> str:
     for name, m in model.named_modules():
         if name in before:
             continue
-        if isinstance(m, (Add, Mean, Product, Interpolate)):
+        if isinstance(m, (Add, Mean, Product, Interpolate, Normalize)):
             added[type(m).__name__] += 1
         elif isinstance(m, lrpx.layers.Twin):
             added[next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn")).__name__] += 1
@@ -51,7 +52,8 @@ def _rewrites(original: nn.Module, model: nn.Module) -> str:
 
 
 def _kept(model: nn.Module) -> str:
-    kept = sorted({type(m).__name__ for m in model.modules() if isinstance(m, KEPT) and not isinstance(m, Product)})
+    kept = sorted({type(m).__name__ for m in model.modules() if isinstance(m, KEPT + DETECTION_KEPT)
+                   and not isinstance(m, Product)})
     return ", ".join(kept) or "-"
 
 
@@ -64,6 +66,13 @@ def rows() -> list[tuple[str, ...]]:
         original = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
         model = lrpx.convert(original, lrpx.composites.epsilon_gamma_box(-3.0, 3.0))
         out.append((name, f"{size}²", _rules(model), _rewrites(original, model), _kept(model), BOUND))
+    for name, ((h, w), kwargs) in DETECTION.items():  # one detection's class logit (lrpx.targets.detection)
+        torch.manual_seed(0)
+        original = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5,
+                                                **kwargs).eval()
+        model = lrpx.convert(original, lrpx.composites.epsilon_gamma_box(-3.0, 3.0))
+        size = f"{h}×{w}" + (f" → {SSD_SIZES[name]}²" if name in SSD_SIZES else "")
+        out.append((name, size, _rules(model), _rewrites(original, model), _kept(model), BOUND))
     return out
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 import lrpx
 from lrpx.layers import Add
@@ -57,7 +58,9 @@ def stab(z, e):
 def _layer_forward(m: nn.Module, x, w, b):
     if isinstance(m, nn.Linear):
         return F.linear(x, w, b)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if isinstance(m, nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, w, b, m.stride, m.padding, 0, m.groups, m.dilation)
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * w.view(shape) + (0 if b is None else b.view(shape))
     if isinstance(m, (nn.Conv1d, nn.Conv3d)) or (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"):
@@ -119,7 +122,7 @@ def absorbed(m: nn.Module, x: torch.Tensor, z: torch.Tensor, R: torch.Tensor) ->
 
 def _affine(m: nn.Module):
     """Weight and bias of the linear map a layer computes (BatchNorm: from its statistics)."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
         scale = m.weight / torch.sqrt(m.running_var + m.eps)
         return scale, m.bias - m.running_mean * scale
     return m.weight, m.bias
@@ -215,7 +218,8 @@ class Recorder:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:  # from constants (a position code)
             return
         inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        passed = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+        passed = [any(t.requires_grad for t in torch.utils._pytree.tree_leaves(a) if isinstance(t, torch.Tensor))
+                  for a in args]
         entry = {"module": module, "inputs": inputs, "output": output.detach(), "relevance": None,
                  "kwargs": kwargs, "passed": passed}
         self.calls.append(entry)
@@ -244,8 +248,9 @@ class Recorder:
                 share = R / stab(z, m.rule.epsilon)
                 kept = sum((a * share).sum() for a, p in zip(c["inputs"], c["passed"]) if p)
                 total = total + R.sum() - kept
-            else:
-                total = total + absorbed(m, c["inputs"][0].detach(), c["output"], R)
+            else:  # RoIAlign's first input is a dict of feature maps (Norm reads only z)
+                x = c["inputs"][0]
+                total = total + absorbed(m, x.detach() if isinstance(x, torch.Tensor) else None, c["output"], R)
         return total
 
     def remove(self):
@@ -286,3 +291,67 @@ SEGMENTATION: dict[str, tuple[int, dict]] = {
     "deeplabv3_mobilenet_v3_large": (48, {"aux_loss": True}),
     "lraspp_mobilenet_v3_large": (48, {}),
 }
+
+
+#: torchvision's detection families: ``{name: (input (h, w), constructor kwargs)}``: small images,
+#: few proposals and no score threshold, so that random weights give detections
+_RCNN = {"min_size": 64, "max_size": 96, "rpn_pre_nms_top_n_test": 40, "rpn_post_nms_top_n_test": 16,
+         "box_score_thresh": 0.0, "box_detections_per_img": 6}
+_ONE_STAGE = {"min_size": 64, "max_size": 96, "score_thresh": 0.0, "detections_per_img": 6, "topk_candidates": 20}
+DETECTION: dict[str, tuple[tuple[int, int], dict]] = {
+    "fasterrcnn_resnet50_fpn": ((72, 64), _RCNN),
+    "fasterrcnn_resnet50_fpn_v2": ((72, 64), _RCNN),
+    "fasterrcnn_mobilenet_v3_large_fpn": ((72, 64), _RCNN),
+    "maskrcnn_resnet50_fpn": ((72, 64), _RCNN),
+    "retinanet_resnet50_fpn": ((72, 64), _ONE_STAGE),
+    "fcos_resnet50_fpn": ((72, 64), _ONE_STAGE),
+    "ssd300_vgg16": ((100, 90), {"score_thresh": 0.0, "detections_per_img": 6, "topk_candidates": 20}),
+    "ssdlite320_mobilenet_v3_large": ((100, 90), {"score_thresh": 0.0, "detections_per_img": 6,
+                                                  "topk_candidates": 20}),
+}
+#: SSD models fix their input size in the constructor: the size each family is resized to here
+SSD_SIZES = {"ssd300_vgg16": 268, "ssdlite320_mobilenet_v3_large": 160}
+
+
+def frozen_batchnorms(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d with the same statistics (in place), as
+    the detection builders do with pretrained backbones."""
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.dtype)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                setattr(m, child_name, frozen)
+    return model
+
+
+def randomized_detector(name: str, seed: int = 0, frozen: bool = False) -> nn.Module:
+    """A torchvision detection model (``DETECTION``) from :func:`randomized`, float64, no
+    download; ``frozen`` swaps its BatchNorms for FrozenBatchNorm2d."""
+    _, kwargs = DETECTION[name]
+    model = randomized(name, seed, num_classes=5, weights_backbone=None, **kwargs)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():  # small box offsets: boxes stay inside the image instead of being clipped away
+        for module_name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and ("bbox" in module_name or "regression_head" in module_name):
+                m.weight.mul_(0.01)
+    # BatchNorm statistics near those of the activations (randomly off by up to 20%), so that
+    # they stay of order one through ResNet-50 and the FPN: each BatchNorm takes them from
+    # its input on a calibration image just before it normalises it
+    def calibrate(m, args):
+        x = args[0]
+        m.running_mean.copy_(x.mean((0, 2, 3)) * (0.8 + 0.4 * torch.rand(x.shape[1], generator=g)))
+        m.running_var.copy_(x.var((0, 2, 3), correction=0) * (0.8 + 0.4 * torch.rand(x.shape[1], generator=g)) + 1e-3)
+
+    handles = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    size = DETECTION[name][0]
+    with torch.no_grad():
+        model(torch.rand(1, 3, *size, generator=g, dtype=torch.float64))
+    for h in handles:
+        h.remove()
+    if name in SSD_SIZES:
+        model.transform.fixed_size = (SSD_SIZES[name],) * 2
+        model.transform.min_size = (SSD_SIZES[name],)
+        model.transform.max_size = SSD_SIZES[name]
+    return (frozen_batchnorms(model) if frozen else model).eval()

@@ -141,12 +141,19 @@ def _add_explain(subparsers) -> None:
     p.add_argument("--gamma", type=float, default=1.0, metavar="G",
                    help="exponent on the heatmap's magnitude (default: 1)")
     p.add_argument("--top", type=positive, default=5, metavar="N", help="classes to print per image (default: 5)")
-    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
-                   help="classification (default) or segmentation: --model is then a torchvision segmentation "
-                   "model (fcn_resnet50, deeplabv3_resnet50, lraspp_mobilenet_v3_large, ...)")
+    p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification",
+                   help="classification (default), segmentation or detection: --model is then a torchvision "
+                   "segmentation model (fcn_resnet50, deeplabv3_resnet50, lraspp_mobilenet_v3_large, ...) or "
+                   "detection model (fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn, ssd300_vgg16, ...)")
+    p.add_argument("--detection", type=int, default=None, metavar="N",
+                   help="detection: which detection of each image to explain, by rank of score (default: 0, the "
+                   "top one); its class logit is explained")
+    p.add_argument("--min-size", type=positive, default=None, metavar="S",
+                   help="detection: resize the shorter image side to S pixels (default: the model's own, e.g. 800)")
     p.add_argument("--class", dest="class_index", type=int, default=None, metavar="K",
                    help="segmentation: the class whose logits over the predicted map are explained (default: the "
-                   "class, other than class 0, that covers most of the prediction)")
+                   "class, other than class 0, that covers most of the prediction); detection: explain this "
+                   "class's logit for the detection's proposal (default: its own class)")
     p.set_defaults(handler=commands.run_explain)
 
 

@@ -117,6 +117,12 @@ def run_explain(args: argparse.Namespace) -> int:
         from .segmentation import run_explain_segmentation
 
         return run_explain_segmentation(args)
+    if args.task == "detection":
+        from .detection import run_explain_detection
+
+        return run_explain_detection(args)
+    if args.detection is not None or args.min_size is not None:
+        raise UsageError("--detection and --min-size go with --task detection")
     if args.class_index is not None:
         raise UsageError("--class goes with --task segmentation; for a classifier use --target K")
     model, prep, x, logits, target = _prepare(args, [args.composite])

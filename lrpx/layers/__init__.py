@@ -17,6 +17,7 @@ from ..rules.base import Rule
 from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, FusedReLU
 from .attention import ATTENTION_TWINS, ScaledDotProductAttention
 from .base import Twin, copy_hooks, has_hooks
+from .detection import DETECTION_KEPT, DETECTION_TWINS
 from .merge import Add, Matmul, Normalize, Product
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
@@ -24,9 +25,8 @@ from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdap
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Sum", "Product", "Matmul", "Normalize", "ScaledDotProductAttention", "Interpolate", "FusedReLU", "twin", "default_twins", "registry", "kind_of",
-           "inherited",
-           "batchnorm_affine",
+__all__ = ["Twin", "Add", "Mean", "Sum", "Product", "Matmul", "Normalize", "ScaledDotProductAttention", "Interpolate",
+           "FusedReLU", "twin", "default_twins", "registry", "kind_of", "inherited", "batchnorm_affine",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
            "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
 
@@ -81,6 +81,8 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     **ACTIVATION_TWINS,
     **NORM_TWINS,
     **ATTENTION_TWINS,
+    **DETECTION_TWINS,
+    **dict.fromkeys(DETECTION_KEPT),
     # the output projection of MultiheadAttention, used by its twin's own forward
     nn.modules.linear.NonDynamicallyQuantizableLinear: None,
     **dict.fromkeys(KEPT),
