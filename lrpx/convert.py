@@ -28,7 +28,8 @@ from .detection import adopt
 from .fusion import fuse_relus
 from .graph import ModelGraph
 from .layers import Twin, registry
-from .rewrite import ROUTING_FUNCTIONS, ROUTING_METHODS, tags, unrouted
+from .rewrite import tags
+from .routing import ROUTING_FUNCTIONS, ROUTING_METHODS, unrouted
 from .oplevel import OpRules
 from .rules import Epsilon, Rule
 from .signs import mark_nonnegative_inputs

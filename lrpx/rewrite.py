@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ModelGraph
+from .calls import layer_from_call
 from .layers import Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum
 
-__all__ = ["rewrite_functional", "RESHAPES", "ROUTING_FUNCTIONS", "ROUTING_METHODS", "tags", "unrouted"]
+__all__ = ["rewrite_functional", "RESHAPES", "tags"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _INPLACE_METHODS = {"add_": "add", "relu_": "relu", "mul_": "mul", "sigmoid_": "sigmoid", "clamp_": "clamp",
@@ -56,18 +57,6 @@ _INTERPOLATE = ("size", "scale_factor", "mode", "align_corners", "recompute_scal
 _METHODS: dict = {"relu": (nn.ReLU, ()), "sigmoid": (nn.Sigmoid, ()), "tanh": (nn.Tanh, ()),
                   "softmax": (nn.Softmax, ("dim", "dtype")), "mean": (Mean, ("dim", "keepdim", "dtype")),
                   "sum": (Sum, ("dim", "keepdim", "dtype"))}
-
-
-#: functional layers with weights: ``{function: (parameter names, builder)}``, see :func:`_layer_from_call`
-_CONV = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
-_WEIGHTED_CALLS: dict = {
-    F.linear: ("input", "weight", "bias"),
-    **dict.fromkeys(_CONV, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
-    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
-    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
-    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-}
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def rewrite_functional(model: nn.Module, graph: ModelGraph) -> None:
@@ -107,7 +96,7 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
             changed = True
     kinds = tags(graph)
     for node in list(graph.nodes):
-        layer = _layer_from_call(module, node, kinds) if node.op == "call_function" else None
+        layer = layer_from_call(module, node, kinds) if node.op == "call_function" else None
         if layer is not None:
             new = _replace(module, graph, node, layer, (node.args[0] if node.args else node.kwargs["input"],))
             kinds[new] = "input"
@@ -174,83 +163,6 @@ def _split_addcmul(graph: fx.Graph, node: fx.Node) -> None:
         total = graph.call_function(operator.add, (bound["input"], product))
     node.replace_all_uses_with(total)
     graph.erase_node(node)
-
-
-def _evaluate(module: nn.Module, value):
-    """The value of a graph argument computed from ``module``'s parameters, buffers and
-    constants alone (a node tagged "constant")."""
-    if not isinstance(value, fx.Node):
-        return fx.node.map_aggregate(value, lambda v: _evaluate(module, v) if isinstance(v, fx.Node) else v)
-    if value.op == "get_attr":
-        owner, _, attr = value.target.rpartition(".")
-        return getattr(module.get_submodule(owner) if owner else module, attr)
-    args = fx.node.map_arg(value.args, lambda n: _evaluate(module, n))
-    kwargs = fx.node.map_arg(value.kwargs, lambda n: _evaluate(module, n))
-    with torch.no_grad():
-        if value.op == "call_function":
-            return value.target(*args, **kwargs)
-        if value.op == "call_method":
-            return getattr(args[0], value.target)(*args[1:], **kwargs)
-        if value.op == "call_module":
-            return module.get_submodule(value.target)(*args, **kwargs)
-    raise ValueError(f"cannot evaluate {value.op} node {value.name}")
-
-
-def _as_parameter(value) -> nn.Parameter | None:
-    """A Parameter the module holds as it is, or a frozen one for a weight it computes."""
-    if value is None or isinstance(value, nn.Parameter):
-        return value
-    return nn.Parameter(value.detach(), requires_grad=False)
-
-
-def _layer_from_call(module: nn.Module, node: fx.Node, kinds: dict[fx.Node, str]) -> nn.Module | None:
-    """The layer a functional ``F.linear``/``F.conv*d``/``F.layer_norm``/``F.group_norm``/eval-mode
-    ``F.batch_norm`` call computes, sharing the module's parameters (``None``: not such a call,
-    or its weights depend on the input)."""
-    names = _WEIGHTED_CALLS.get(node.target)
-    if names is None or len(node.args) > len(names):
-        return None
-    bound = {**dict(zip(names, node.args)), **node.kwargs}
-    if set(bound) - set(names) or not isinstance(bound.get("input"), fx.Node) or kinds[bound["input"]] != "input":
-        return None
-    if any(isinstance(v, fx.Node) and kinds[v] != "constant" for k, v in bound.items() if k != "input"):
-        return None
-    values = {k: _evaluate(module, v) for k, v in bound.items() if k != "input"}
-    weight, bias = _as_parameter(values.get("weight")), _as_parameter(values.get("bias"))
-    fn = node.target
-    if fn is F.linear:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    elif fn in _CONV:
-        groups = values.get("groups", 1)
-        layer = _CONV[fn](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                          stride=values.get("stride", 1), padding=values.get("padding", 0),
-                          dilation=values.get("dilation", 1), groups=groups, bias=bias is not None, device="meta")
-    elif fn is F.layer_norm:
-        if weight is None and bias is not None:
-            return None
-        layer = nn.LayerNorm(values["normalized_shape"], eps=values.get("eps", 1e-5),
-                             elementwise_affine=weight is not None, bias=bias is not None, device="meta")
-    elif fn is F.group_norm:
-        if weight is None and bias is not None:
-            return None
-        groups = values["num_groups"]
-        layer = nn.GroupNorm(groups, groups if weight is None else weight.numel(), eps=values.get("eps", 1e-5),
-                             affine=weight is not None, device="meta")
-        if weight is not None and bias is None:
-            layer.bias = None
-    else:  # batch_norm: in eval mode with running statistics, as the module's own BatchNorm class
-        cls = next((c for c in _BATCHNORMS if isinstance(module, c)), None)
-        if cls is None or values.get("training", False) or values.get("running_mean") is None:
-            return None
-        layer = cls(values["running_mean"].numel(), eps=values.get("eps", 1e-5), affine=weight is not None,
-                    device="meta").eval()
-        layer.running_mean, layer.running_var = values["running_mean"], values["running_var"]
-        layer.num_batches_tracked = None
-    if weight is not None:
-        layer.weight = weight
-    if bias is not None:
-        layer.bias = bias
-    return layer
 
 
 def _rewrite_interpolate(module: nn.Module, graph: fx.Graph, node: fx.Node) -> bool:
@@ -417,56 +329,3 @@ def _is_gate(module: nn.Module, node: fx.Node) -> bool:
             (node.op == "call_function" and node.target is operator.getitem):  # g[:, :, None, None]
         node = node.args[0]
     return node.op == "call_module" and isinstance(module.get_submodule(node.target), _GATES)
-
-
-#: what forward code may do to values from the input outside of layers: move, reshape,
-#: select and join them (their gradient routes relevance unchanged)
-_ROUTING_METHODS = RESHAPES | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow", "select",
-                               "repeat", "tile", "to", "type", "float", "double", "half", "bfloat16", "clone",
-                               "unflatten", "movedim", "swapaxes", "view_as", "reshape_as", "squeeze_",
-                               "unsqueeze_"}
-_ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
-                      torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
-                      torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
-                      torch.swapaxes, torch.unflatten, torch.tile, torch.repeat_interleave,
-                      # the winner of max pooling takes the relevance; dropout is the identity in eval
-                      F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-                      F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                      # comparisons give masks, through which no relevance flows
-                      operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-                      torch.fx._symbolic_trace._assert_is_none,
-                      # padding: the padded positions are constants, the rest moves
-                      F.pad}
-#: functions whose first argument a parameter may pass through and still only move
-ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
-ROUTING_METHODS = frozenset(_ROUTING_METHODS)
-
-
-def _divisors(graph: fx.Graph) -> set[fx.Node]:
-    """Divisions by activations and what only feeds their divisors (``x / x.abs().sum()``): a
-    normaliser, whose plain gradient is kept by design."""
-    found: set[fx.Node] = set()
-    for node in reversed(list(graph.nodes)):
-        if _is_product(node) and node.target in (operator.truediv, operator.itruediv, torch.div, "div"):
-            found.add(node)
-        elif node.users and all(u in found and (u.args[1] is node if _is_product(u) else True) for u in node.users):
-            found.add(node)
-    return found
-
-
-def unrouted(graph: fx.Graph) -> list[str]:
-    """The operations of a traced forward that change values from the input outside of a
-    layer (what is left after :func:`rewrite_functional`), by name; divisions by activations
-    and their divisors (normalisers) aside."""
-    kinds = tags(graph)
-    divisors = _divisors(graph)
-    bad = []
-    for node in graph.nodes:
-        if node.op not in ("call_function", "call_method") or kinds[node] != "input" or node in divisors:
-            continue
-        if (node.op == "call_method" and node.target in _ROUTING_METHODS) or \
-                (node.op == "call_function" and node.target in _ROUTING_FUNCTIONS):
-            continue
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-        bad.append(f"{target}")
-    return bad

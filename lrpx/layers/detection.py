@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import lrp_apply
-from ..ops import DiagonalOps, ElementwiseOps
-from ..rules.base import Rule
-from ..rules.elementwise import Pass
+from ..ops import DiagonalOps
 from .base import Twin
 
 __all__ = ["RoIAlignOps", "ConvTransposeOps", "LRPFrozenBatchNorm2d", "LRPRoIAlign", "LRPMultiScaleRoIAlign",

@@ -1,0 +1,67 @@
+"""Which operations of traced forward code move relevance without a rule: indexing,
+reshaping, joining, padding, max pooling, comparisons. :func:`unrouted` lists the others that
+are left on values computed from the input after the rewrite, so that ``convert`` can refuse
+them instead of passing their plain gradient as relevance."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .rewrite import RESHAPES, _is_product, tags
+
+__all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
+
+#: what forward code may do to values from the input outside of layers: move, reshape,
+#: select and join them (their gradient routes relevance unchanged)
+_ROUTING_METHODS = RESHAPES | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow", "select",
+                               "repeat", "tile", "to", "type", "float", "double", "half", "bfloat16", "clone",
+                               "unflatten", "movedim", "swapaxes", "view_as", "reshape_as", "squeeze_",
+                               "unsqueeze_"}
+_ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
+                      torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
+                      torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
+                      torch.swapaxes, torch.unflatten, torch.tile, torch.repeat_interleave,
+                      # the winner of max pooling takes the relevance; dropout is the identity in eval
+                      F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                      F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                      # comparisons give masks, through which no relevance flows
+                      operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                      torch.fx._symbolic_trace._assert_is_none,
+                      # padding: the padded positions are constants, the rest moves
+                      F.pad}
+#: functions whose first argument a parameter may pass through and still only move
+ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
+ROUTING_METHODS = frozenset(_ROUTING_METHODS)
+
+
+def _divisors(graph: fx.Graph) -> set[fx.Node]:
+    """Divisions by activations and what only feeds their divisors (``x / x.abs().sum()``): a
+    normaliser, whose plain gradient is kept by design."""
+    found: set[fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if _is_product(node) and node.target in (operator.truediv, operator.itruediv, torch.div, "div"):
+            found.add(node)
+        elif node.users and all(u in found and (u.args[1] is node if _is_product(u) else True) for u in node.users):
+            found.add(node)
+    return found
+
+
+def unrouted(graph: fx.Graph) -> list[str]:
+    """The operations of a traced forward that change values from the input outside of a
+    layer (what is left after :func:`rewrite_functional`), by name; divisions by activations
+    and their divisors (normalisers) aside."""
+    kinds = tags(graph)
+    divisors = _divisors(graph)
+    bad = []
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method") or kinds[node] != "input" or node in divisors:
+            continue
+        if (node.op == "call_method" and node.target in _ROUTING_METHODS) or \
+                (node.op == "call_function" and node.target in _ROUTING_FUNCTIONS):
+            continue
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        bad.append(f"{target}")
+    return bad
