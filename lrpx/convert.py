@@ -183,6 +183,26 @@ def _check_leaves(model: nn.Module, twins: dict, trace: bool) -> list[tuple[str,
     return [(name, type(m)) for name, m in unknown]
 
 
+def _sizes(graph: ModelGraph, name: str) -> set[str]:
+    """The arguments of module ``name``'s forward to which every caller passes no value
+    computed from the input (sizes, flags, nothing)."""
+    sites = graph.sites.get(name)
+    g = graph.graphs.get(name)
+    if not sites or g is None:
+        return set()
+    names = [n.target for n in g.nodes if n.op == "placeholder"]
+    kinds = {id(site.graph): tags(site.graph) for site in sites}
+    passed: set[str] = set()
+    for site in sites:
+        given = list(site.args) + [site.kwargs.get(n) for n in names[len(site.args):]]
+        for param, value in zip(names, given):
+            nodes = [v for v in fx.node.map_aggregate(value, lambda v: v) if isinstance(v, fx.Node)] \
+                if isinstance(value, (list, tuple)) else [value] if isinstance(value, fx.Node) else []
+            if any(kinds[id(site.graph)][v] == "input" for v in nodes):
+                passed.add(param)
+    return set(names) - passed
+
+
 def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
     """Traced forward code computes nothing from the input outside the layers the rewrite made
     of it (moving, reshaping and joining values aside; divisions by activations are kept by
@@ -194,7 +214,7 @@ def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
             bad.append((name, cls))
             reasons.append(f"'{name}': its forward cannot be traced ({graph.untraced[name].splitlines()[0]})")
     for name, g in graph.items():
-        ops = unrouted(g)
+        ops = unrouted(g, _sizes(graph, name))
         if ops:
             bad.append((name, graph.classes.get(name, nn.Module)))
             reasons.append(f"'{name or '<root>'}': its forward applies {', '.join(sorted(set(ops)))} to values "

@@ -168,6 +168,8 @@ class ModelGraph:
     #: modules with children whose forward could not be traced: their operations take their
     #: rules at run time (:mod:`lrpx.oplevel`); ``{name: reason}``
     oplevel: dict[str, str] = field(default_factory=dict)
+    #: the call nodes of each module in its callers' graphs
+    sites: dict[str, list[fx.Node]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: nn.Module, *, trace: bool = True, whole: tuple[type[nn.Module], ...] = (),
@@ -175,7 +177,7 @@ class ModelGraph:
         """Trace each module of ``model`` once (children of ``whole`` classes are not entered;
         leaves are traced only if their class is not ``known``)."""
         result = cls()
-        result._visit(model, "", trace, whole, known, {})
+        result._visit(model, "", trace, whole, known, result.sites)
         return result
 
     def _visit(self, module: nn.Module, name: str, trace: bool, whole: tuple, known, sites: dict) -> None:
@@ -215,20 +217,43 @@ class ModelGraph:
     def materialize(self, model: nn.Module) -> nn.Module:
         """Turn each ``changed`` module of ``model`` into a ``torch.fx.GraphModule`` that runs its
         edited graph, with the same children and the hooks the user registered on the module.
-        Returns the root: ``model``, or its GraphModule if the root's own forward changed."""
+        Returns the root: ``model``, or its GraphModule if the root's own forward changed.
+
+        A module whose GraphModule cannot be built (an attribute fx cannot copy) keeps its own
+        forward, with rules at run time (``oplevel``), and so do the modules inside it: its
+        code may call their other methods (timm's ``rope.get_embed``)."""
+        originals: dict[str, nn.Module] = {}
+        failed: list[str] = []
+        root = model
         # deepest first, so a parent's GraphModule picks up its rewritten children
         for name in sorted(self.changed, key=lambda n: -n.count(".") - bool(n)):
             module = model.get_submodule(name) if name else model
             graph = self.graphs[name]
             graph.lint()
-            gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+            try:
+                gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+            except Exception as err:  # noqa: BLE001 - an attribute fx cannot copy: rules at run time
+                self.oplevel[name] = (f"the traced forward of '{name}' ({type(module).__qualname__}) cannot be "
+                                      f"rebuilt: {type(err).__name__}: {err}")
+                failed.append(name)
+                continue
             gm.training = module.training
             copy_hooks(module, gm)
+            originals[name] = module
             if not name:
-                return gm
+                root = gm
+                continue
             parent, _, field = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, field, gm)
-        return model
+        inside = sorted((n for n in originals if any(_within(n, f) for f in failed)), key=lambda n: n.count("."))
+        for name in inside:  # top down, on the restored parents
+            parent, _, field = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, field, originals[name])
+        return model if "" in failed else root
+
+
+def _within(name: str, outer: str) -> bool:
+    return outer == "" or name.startswith(outer + ".")
 
 
 def _trace(module: nn.Module, name: str, sites: list[fx.Node]) -> fx.Graph:

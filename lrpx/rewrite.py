@@ -216,13 +216,14 @@ def _as_module(node: fx.Node) -> nn.Module | None:
     return cls(**bound)
 
 
-def tags(graph: fx.Graph) -> dict[fx.Node, str]:
+def tags(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> dict[fx.Node, str]:
     """"input" for values computed from the forward's inputs, "meta" for sizes read off
-    them (``x.shape``), "constant" for parameters, buffers and what only they determine."""
+    them (``x.shape``) and for the arguments named in ``sizes`` (which the callers pass sizes
+    to), "constant" for parameters, buffers and what only they determine."""
     found_tags: dict[fx.Node, str] = {}
     for node in graph.nodes:
         if node.op == "placeholder":
-            found_tags[node] = "input"
+            found_tags[node] = "meta" if node.target in sizes else "input"
         elif node.op == "get_attr":
             found_tags[node] = "constant"
         elif (node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")) or \
@@ -274,10 +275,14 @@ def _is_neg(node: fx.Node) -> bool:
 
 
 def _is_square(node: fx.Node) -> bool:
+    if not node.args or not isinstance(node.args[0], fx.Node) or node.kwargs:
+        return False
+    if (node.op == "call_function" and node.target is torch.square) or \
+            (node.op == "call_method" and node.target == "square"):
+        return len(node.args) == 1
     is_pow = (node.op == "call_function" and node.target in (operator.pow, torch.pow)) or \
              (node.op == "call_method" and node.target == "pow")
-    return is_pow and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and node.args[1] == 2 \
-        and not node.kwargs
+    return is_pow and len(node.args) == 2 and node.args[1] == 2
 
 
 def _substitute(graph: fx.Graph, node: fx.Node, target, args: tuple) -> None:

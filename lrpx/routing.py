@@ -19,7 +19,7 @@ __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 _ROUTING_METHODS = RESHAPES | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow", "select",
                                "repeat", "tile", "to", "type", "float", "double", "half", "bfloat16", "clone",
                                "unflatten", "movedim", "swapaxes", "view_as", "reshape_as", "squeeze_",
-                               "unsqueeze_"}
+                               "unsqueeze_", "append", "extend", "insert", "type_as", "unfold"}
 _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
                       torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
                       torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
@@ -31,7 +31,7 @@ _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.
                       operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
                       torch.fx._symbolic_trace._assert_is_none,
                       # padding: the padded positions are constants, the rest moves
-                      F.pad}
+                      F.pad, F.unfold}
 #: functions whose first argument a parameter may pass through and still only move
 ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
 ROUTING_METHODS = frozenset(_ROUTING_METHODS)
@@ -49,11 +49,12 @@ def _divisors(graph: fx.Graph) -> set[fx.Node]:
     return found
 
 
-def unrouted(graph: fx.Graph) -> list[str]:
+def unrouted(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> list[str]:
     """The operations of a traced forward that change values from the input outside of a
     layer (what is left after :func:`rewrite_functional`), by name; divisions by activations
-    and their divisors (normalisers) aside."""
-    kinds = tags(graph)
+    and their divisors (normalisers), list operations and what the arguments named in
+    ``sizes`` (sizes the callers pass, as to a position encoding) determine aside."""
+    kinds = tags(graph, sizes)
     divisors = _divisors(graph)
     bad = []
     for node in graph.nodes:
@@ -62,6 +63,9 @@ def unrouted(graph: fx.Graph) -> list[str]:
         if (node.op == "call_method" and node.target in _ROUTING_METHODS) or \
                 (node.op == "call_function" and node.target in _ROUTING_FUNCTIONS):
             continue
+        if node.op == "call_function" and node.target in (operator.add, operator.iadd) and \
+                any(isinstance(a, (list, tuple)) for a in node.args):
+            continue  # joining lists of tensors
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         bad.append(f"{target}")
     return bad

@@ -296,3 +296,88 @@ def test_untraceable_forward_takes_rules_at_run_time():
     R_z = z * (R_u - s * R_u.sum(-1, keepdim=True))
     torch.testing.assert_close(rel, R_x1 + epsilon_linear(x, W, b, R_z, e), rtol=1e-10, atol=1e-13)
     assert type(model[0]) is Branchy  # the original keeps its class
+
+
+class Squares(nn.Module):
+    def forward(self, x):
+        return torch.square(x) + x ** 2
+
+
+class Position(nn.Module):
+    """A position code computed from sizes its caller passes (no relevance reaches it)."""
+
+    def forward(self, h, w):
+        return torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w).cos()
+
+
+class WithPosition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = Position()
+
+    def forward(self, x):
+        return x + self.pos(x.shape[-2], x.shape[-1])
+
+
+def test_squares_and_position_codes_from_sizes():
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=DT)
+    R = torch.tensor([[0.3, 1.0, -0.7]], dtype=DT)
+    rel, out = relevance(lrpx.convert(nn.Sequential(Squares()).eval()), x, R)
+    torch.testing.assert_close(out, 2 * x ** 2)
+    # a sum of two products of two activations: the halves of each square both reach x
+    torch.testing.assert_close(rel, R, rtol=1e-5, atol=1e-7)
+    x = torch.randn(2, 1, 3, 4, dtype=DT)
+    R = torch.randn(2, 1, 3, 4, dtype=DT)
+    lrp = lrpx.convert(nn.Sequential(WithPosition()).eval(), lrpx.Composite(sum=lrpx.rules.Norm(0.0)))
+    rel, out = relevance(lrp, x, R)
+    pos = torch.arange(12, dtype=DT).view(1, 1, 3, 4).cos()
+    torch.testing.assert_close(rel, x * R / (x + pos), rtol=1e-12, atol=1e-12)  # the code keeps its share
+
+
+class Table(nn.Module):
+    """A leaf whose forward is rewritten and whose other method its caller uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 3, dtype=DT))
+        self.register_buffer("scale", torch.tensor(2.0, dtype=DT))
+
+    def extra(self):
+        return self.scale
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class UsesTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = Table()
+
+    def forward(self, x):
+        return self.table(x) * self.table.extra()
+
+
+def test_a_forward_that_cannot_be_rebuilt_takes_rules_at_run_time(monkeypatch):
+    import torch.fx as fx
+
+    build = fx.GraphModule
+
+    def fails_for_uses_table(root, graph, class_name="GraphModule"):
+        if class_name == "UsesTable":  # as fx fails on an attribute it cannot copy
+            raise AttributeError("'Table' object has no attribute 'scale'")
+        return build(root, graph, class_name)
+
+    monkeypatch.setattr(lrpx.graph.fx, "GraphModule", fails_for_uses_table)
+    torch.manual_seed(0)
+    model = nn.Sequential(UsesTable()).eval()
+    lrp = lrpx.convert(model, lrpx.Composite(default=Epsilon(1e-9)))
+    monkeypatch.undo()
+    assert "cannot be rebuilt" in lrp.lrpx_graph.oplevel["0"]
+    assert type(lrp[0].table).__name__ == "Table" and hasattr(lrp[0].table, "extra")  # the original, inside
+    x, R = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    torch.testing.assert_close(out, model(x).detach(), rtol=0, atol=0)
+    W = model[0].table.weight.detach()
+    # the product with the buffer passes relevance, the rewritten F.linear takes epsilon
+    torch.testing.assert_close(rel, epsilon_linear(x, W, torch.zeros(3, dtype=DT), R, 1e-9), rtol=1e-7, atol=1e-9)
