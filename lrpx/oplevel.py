@@ -11,6 +11,9 @@ its LRP rule, by the kind of operation:
   the bilinear rule (and the softmax rule inside attention);
 * ``softmax``: the softmax rule; ``a + b`` and ``a - b``: the sum rule (a number or a constant
   tensor takes its share like a bias); ``mean``/``sum`` over dimensions: the sum rule;
+* ``x += y`` (``add_``, and likewise ``-=``, ``*=``, ``/=`` and in-place activations) out of
+  place with its rule: the result is what ``x`` is bound to, and no output a rule saved is
+  changed (a bare ``x.add_(y)`` whose result is dropped would not change ``x``);
 * ``a * b``: the product rule, all relevance to the one operand that carries relevance, half to
   each of two (a gate is not told apart from a signal here, unlike in traced code);
   ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule.
@@ -40,11 +43,13 @@ __all__ = ["OpRules", "run_with_rules"]
 
 _PASS = Pass()
 _T = torch.Tensor
-_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, operator.add}
-_SUBS = {torch.sub, _T.sub, _T.__sub__, operator.sub}
+# augmented assignments (``x += y`` calls ``x.add_(y)`` and rebinds ``x`` to its result) are
+# computed out of place, so that an output a rule saved is never changed
+_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, operator.add, _T.__iadd__, _T.add_}
+_SUBS = {torch.sub, _T.sub, _T.__sub__, operator.sub, _T.__isub__, _T.sub_}
 _RSUBS = {_T.__rsub__}
-_MULS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, operator.mul}
-_DIVS = {torch.div, _T.div, _T.__truediv__, operator.truediv}
+_MULS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, operator.mul, _T.__imul__, _T.mul_}
+_DIVS = {torch.div, _T.div, _T.__truediv__, operator.truediv, _T.__itruediv__, _T.div_}
 _MATMULS = {torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm}
 _SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
 _REDUCE = {torch.mean: False, _T.mean: False, torch.sum: True, _T.sum: True}
@@ -87,6 +92,8 @@ class OpRules(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             from .layers.attention import ScaledDotProductAttention
             return ScaledDotProductAttention(rules["bilinear"])(*args, **kwargs)
+        if func in _ACTIVATIONS and kwargs.get("inplace"):
+            kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # never in place on a saved output
         if kwargs and func not in _SOFTMAX and func not in _REDUCE:
             return NotImplemented
         if func in _MATMULS and len(args) == 2 and all(_carries(a) for a in args) and min(a.dim() for a in args) >= 2:
@@ -112,7 +119,8 @@ class OpRules(TorchFunctionMode):
         if len(args) == 1 and func in _NEG:
             return lrp_apply(ElementwiseOps(torch.neg), _PASS, args[0])
         if func in _ACTIVATIONS and len(args) >= 1 and isinstance(args[0], Tensor):
-            return lrp_apply(ElementwiseOps(partial(_call, func, args[1:])), rules["elementwise"], args[0])
+            rest = args[1:2] if func is F.leaky_relu or func is F.elu else ()  # slope / alpha, not inplace
+            return lrp_apply(ElementwiseOps(partial(_call, func, rest)), rules["elementwise"], args[0])
         return NotImplemented
 
     def _sum(self, a, b):

@@ -381,3 +381,31 @@ def test_a_forward_that_cannot_be_rebuilt_takes_rules_at_run_time(monkeypatch):
     W = model[0].table.weight.detach()
     # the product with the buffer passes relevance, the rewritten F.linear takes epsilon
     torch.testing.assert_close(rel, epsilon_linear(x, W, torch.zeros(3, dtype=DT), R, 1e-9), rtol=1e-7, atol=1e-9)
+
+
+class AugmentedBranchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.b(x)
+        if x.sum() > 100:  # untraceable
+            return h
+        h += x  # x.add_(...) on an output the Linear twin saved
+        return F.relu(h, inplace=True)
+
+
+def test_augmented_assignments_at_run_time_are_computed_out_of_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(AugmentedBranchy()).double().eval()
+    lrp = lrpx.convert(model, lrpx.Composite(default=Epsilon(1e-3), sum=lrpx.rules.Norm(1e-4)))
+    assert list(lrp.lrpx_graph.oplevel) == ["0"]
+    x, R = torch.randn(4, 3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    torch.testing.assert_close(out, model(x).detach(), rtol=0, atol=0)
+    W, b = model[0].b.weight.detach(), model[0].b.bias.detach()
+    z = x @ W.T + b
+    # the ReLU passes relevance (Pass), the sum splits it by the Norm rule, the Linear by epsilon
+    share = R / stab(z + x, 1e-4)
+    torch.testing.assert_close(rel, x * share + epsilon_linear(x, W, b, z * share, 1e-3), rtol=1e-10, atol=1e-13)
