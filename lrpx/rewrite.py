@@ -144,9 +144,14 @@ def _replace(module: nn.Module, graph: fx.Graph, node: fx.Node, layer: nn.Module
 
 
 def _drop_dead(graph: fx.Graph) -> None:
-    """Erase the computations nothing reads any more (a rewritten call's weight arithmetic)."""
+    """Erase the computations from parameters alone that nothing reads any more (a rewritten
+    call's weight arithmetic); calls on values from the input stay (``p.extend(...)`` on a
+    list argument reads as unused but changes the list)."""
+    kinds = tags(graph)
     for node in reversed(list(graph.nodes)):
-        if node.op in ("get_attr", "call_function", "call_method") and not node.users and not node.is_impure():
+        if node.users or node.is_impure():
+            continue
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and kinds[node] == "constant"):
             graph.erase_node(node)
 
 

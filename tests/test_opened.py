@@ -409,3 +409,34 @@ def test_augmented_assignments_at_run_time_are_computed_out_of_place():
     # the ReLU passes relevance (Pass), the sum splits it by the Norm rule, the Linear by epsilon
     share = R / stab(z + x, 1e-4)
     torch.testing.assert_close(rel, x * share + epsilon_linear(x, W, b, z * share, 1e-3), rtol=1e-10, atol=1e-13)
+
+
+class Extend(nn.Module):
+    """Appends to the list it is given, as torchvision's extra FPN levels do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, features: list):
+        features.extend([F.relu(self.lin(features[-1]))])  # a call whose result nothing reads
+        return features
+
+
+class UsesExtend(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.extend = Extend()
+
+    def forward(self, x):
+        features = self.extend([x])
+        return features[0] + features[-1]
+
+
+def test_calls_that_change_a_list_argument_are_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(UsesExtend()).double().eval()
+    lrp = lrpx.convert(model)
+    x = torch.randn(2, 3, dtype=DT)
+    with torch.no_grad():
+        torch.testing.assert_close(lrp(x), model(x), rtol=1e-14, atol=1e-14)
