@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -34,15 +33,9 @@ def load_detector(name: str, weights: str, min_size: int | None = None) -> tuple
     names. ``min_size`` sets the length the transform resizes the shorter image side to."""
     import torchvision
 
-    from .models import _check_state, _download, read_state_dict
+    from .models import load_task_model
 
-    check_choice("detection model", [name], detection_models())
-    default = torchvision.models.get_model_weights(name).DEFAULT
-    if weights == "DEFAULT":
-        model = _download(name)
-    else:
-        path = Path(weights)
-        state = read_state_dict(path)
+    def build(state):
         kwargs: dict = {"weights": None, "weights_backbone": None}
         rows = state.get("roi_heads.box_predictor.cls_score.weight")
         if rows is not None:
@@ -50,9 +43,9 @@ def load_detector(name: str, weights: str, min_size: int | None = None) -> tuple
         model = torchvision.models.get_model(name, **kwargs)
         # BatchNorm counters are absent from files saved with frozen BatchNorms: not needed in eval
         own = model.state_dict()
-        state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
-        _check_state(model, state, path, name)
-        model.load_state_dict(state)
+        return model, {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
+
+    model, default = load_task_model("detection model", name, weights, detection_models(), build)
     if min_size is not None:
         model.transform.min_size = (min_size,)
         model.transform.max_size = max(int(model.transform.max_size * min_size / 800), min_size)

@@ -54,19 +54,31 @@ def segmentation_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models.segmentation)
 
 
+def load_task_model(kind: str, name: str, weights: str, choices: list[str], build):
+    """A torchvision model of ``kind`` ("segmentation model", "detection model") and its default
+    weights entry: downloaded for ``weights="DEFAULT"``, else built by ``build(state) -> (model,
+    state)`` from the state dict in the file ``weights`` (so that the file decides the heads)
+    and loaded from it after the usual checks. Never downloads backbone weights for a file."""
+    import torchvision
+
+    check_choice(kind, [name], choices)
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    if weights == "DEFAULT":
+        return _download(name), default
+    path = Path(weights)
+    model, state = build(read_state_dict(path))
+    _check_state(model, state, path, name)
+    model.load_state_dict(state)
+    return model, default
+
+
 def load_segmenter(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
     """A torchvision segmentation model in eval mode with ``weights`` ("DEFAULT" or a state-dict
     path; a fine-tuned head with another number of classes, and an auxiliary head, are detected
     from the file). Never downloads backbone weights for a local file."""
     import torchvision
 
-    check_choice("segmentation model", [name], segmentation_models())
-    default = torchvision.models.get_model_weights(name).DEFAULT
-    if weights == "DEFAULT":
-        model = _download(name)
-    else:
-        path = Path(weights)
-        state = read_state_dict(path)
+    def build(state):
         kwargs = {"weights": None, "weights_backbone": None}
         if not name.startswith("lraspp"):
             kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state)
@@ -75,8 +87,9 @@ def load_segmenter(name: str, weights: str) -> tuple[nn.Module, Preprocessing]:
         heads = [k for k in own if k in state and own[k].shape != state[k].shape and own[k].dim() == 4]
         if heads:  # a head fine-tuned to other classes
             model = torchvision.models.get_model(name, num_classes=state[heads[-1]].shape[0], **kwargs)
-        _check_state(model, state, path, name)
-        model.load_state_dict(state)
+        return model, state
+
+    model, default = load_task_model("segmentation model", name, weights, segmentation_models(), build)
     transform = default.transforms()
     categories = tuple(default.meta.get("categories") or ())
     return model.eval(), Preprocessing(transform, tuple(transform.mean), tuple(transform.std), categories)
