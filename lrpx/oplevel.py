@@ -80,15 +80,19 @@ class OpRules(TorchFunctionMode):
 
     def _with_rule(self, func, args, kwargs):
         rules = self.rules
-        if func is F.linear and len(args) + len(kwargs) <= 3:
-            x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3] if len(args) < 3 \
-                else args
-            if isinstance(x, Tensor) and isinstance(weight, Tensor) and not weight.requires_grad or \
-                    isinstance(weight, nn.Parameter):
+        if func is F.linear:
+            bound = _bind(("input", "weight", "bias"), args, kwargs)
+            x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+            if isinstance(x, Tensor) and \
+                    (isinstance(weight, nn.Parameter) or isinstance(weight, Tensor) and not weight.requires_grad):
                 return lrp_apply(LinearOps(), rules["weighted"], x, weight, bias)
-        if func is F.layer_norm and not kwargs and len(args) >= 2:
-            x, shape, weight, bias, eps = (list(args) + [None, None, 1e-5])[:5]
-            return lrp_apply(LayerNormOps(tuple(shape), eps), rules["normalization"], x, weight, bias)
+            return NotImplemented
+        if func is F.layer_norm:
+            bound = _bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
+            if "normalized_shape" not in bound:
+                return NotImplemented
+            return lrp_apply(LayerNormOps(tuple(bound["normalized_shape"]), bound.get("eps", 1e-5)),
+                             rules["normalization"], bound["input"], bound.get("weight"), bound.get("bias"))
         if func is F.scaled_dot_product_attention:
             from .layers.attention import ScaledDotProductAttention
             return ScaledDotProductAttention(rules["bilinear"])(*args, **kwargs)
@@ -145,6 +149,13 @@ class OpRules(TorchFunctionMode):
             return NotImplemented  # a division by an activation: its gradient
         signal = None if _carries(a) and _carries(b) else 0 if _carries(a) else 1
         return lrp_apply(ProductOps(signal, divide, (a.shape, b.shape)), self.rules["product"], (a, b))
+
+
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call by name (an empty dict if they do not fit ``names``)."""
+    if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+        return {}
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _call(func, rest, x):

@@ -440,3 +440,26 @@ def test_calls_that_change_a_list_argument_are_kept():
     x = torch.randn(2, 3, dtype=DT)
     with torch.no_grad():
         torch.testing.assert_close(lrp(x), model(x), rtol=1e-14, atol=1e-14)
+
+
+class KeywordCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.sum() > 100:  # untraceable
+            return x
+        h = F.linear(x, self.lin.weight, bias=self.lin.bias)
+        return F.layer_norm(h, normalized_shape=(3,), eps=1e-5)
+
+
+def test_run_time_rules_bind_keyword_arguments():
+    torch.manual_seed(0)
+    model = nn.Sequential(KeywordCalls()).double().eval()
+    lrp = lrpx.convert(model, lrpx.Composite(default=Epsilon(1e-3), kinds={"normalization": lrpx.rules.Pass()}))
+    x, R = torch.randn(4, 3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    torch.testing.assert_close(out, model(x).detach(), rtol=0, atol=0)  # the bias is not lost
+    W, b = model[0].lin.weight.detach(), model[0].lin.bias.detach()
+    torch.testing.assert_close(rel, epsilon_linear(x, W, b, R, 1e-3), rtol=1e-10, atol=1e-13)  # norm: Pass
