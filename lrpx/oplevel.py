@@ -39,7 +39,7 @@ from .ops import ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, Pr
 from .rules.base import Rule
 from .rules.elementwise import Pass
 
-__all__ = ["OpRules", "run_with_rules"]
+__all__ = ["OpRules"]
 
 _PASS = Pass()
 _T = torch.Tensor
@@ -160,9 +160,3 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
 
 def _call(func, rest, x):
     return func(x, *rest)
-
-
-def run_with_rules(module: nn.Module, rules: dict[str, Rule], forward, *args, **kwargs):
-    """``forward(*args, **kwargs)`` of ``module`` with its operations under :class:`OpRules`."""
-    with OpRules(rules):
-        return forward(*args, **kwargs)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import datasets as ds
-from .common import UsageError, check_choice, device, first_line, out_dir
+from .common import UsageError, check_choice, check_out, device, first_line, out_dir
 from .images import check_readable, load_images, output_names
 from .models import Preprocessing, classification_models, load_classifier
 
@@ -70,8 +70,7 @@ def _prepare(args: argparse.Namespace, methods: Sequence[str]):
     check_choice("model", [args.model], classification_models())
     check_readable(args.images)
     where = device(args.device)
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"output folder {args.out} exists and is not a folder")
+    check_out(args.out)
     model, prep = load_classifier(args.model, args.weights)
     x = load_images(args.images, prep.transform)
     model, x = model.to(where), x.to(where)

@@ -46,10 +46,15 @@ def check_choice(kind: str, names: Sequence[str], valid: Sequence[str]) -> None:
             raise UsageError(f"unknown {kind} '{name}'; valid: {', '.join(valid)}")
 
 
-def out_dir(path: Path) -> Path:
-    """Create the output folder; an existing file or an unwritable place is a usage error."""
+def check_out(path: Path) -> None:
+    """An output folder that exists as a file is a usage error (checked before any work)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"output folder {path} exists and is not a folder")
+
+
+def out_dir(path: Path) -> Path:
+    """Create the output folder; an existing file or an unwritable place is a usage error."""
+    check_out(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import UsageError, check_choice, device, first_line, out_dir, positive
+from .common import UsageError, check_choice, check_out, device, first_line, out_dir, positive
 
 __all__ = ["add_concepts", "run_concepts", "run_concepts_explain"]
 
@@ -117,8 +117,7 @@ def run_concepts(args: argparse.Namespace) -> int:
         root, records, classes = image_records(args.data, limit=args.limit)
     except (ValueError, ImportError) as error:
         raise UsageError(first_line(error)) from None
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"output folder {args.out} exists and is not a folder")
+    check_out(args.out)
     where = device(args.device)
     _, prep, lrp = _lrp_model(args)
     dataset = ImageFiles(root, by_class_name(records, classes, prep.categories), prep.transform)
@@ -162,8 +161,7 @@ def run_concepts_explain(args: argparse.Namespace) -> int:
     check_readable(args.images)
     where = device(args.device)
     atlas = _read_atlas(args) if args.atlas is not None else None
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"output folder {args.out} exists and is not a folder")
+    check_out(args.out)
     _, prep, lrp = _lrp_model(args)
     lrp = lrp.to(where)
     x = load_images(args.images, prep.transform).to(where)

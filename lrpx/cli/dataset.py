@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, check_choice, device, first_line
+from .common import UsageError, check_choice, check_out, device, first_line
 
 __all__ = ["run_evaluate_data", "run_report"]
 
@@ -37,8 +37,7 @@ def run_evaluate_data(args: argparse.Namespace) -> int:
         raise UsageError(first_line(error)) from None
     if args.masks is not None and not args.masks.is_dir():
         raise UsageError(f"--masks {args.masks} is not a folder")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"output folder {args.out} exists and is not a folder")
+    check_out(args.out)
     where = device(args.device)
     model, prep = load_classifier(args.model, args.weights)
     records = by_class_name(records, classes, prep.categories)

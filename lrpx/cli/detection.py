@@ -9,7 +9,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from .common import UsageError, check_choice, device, first_line, out_dir
+from .common import UsageError, check_choice, check_out, device, first_line, out_dir
 from .images import check_readable, output_names
 
 __all__ = ["run_explain_detection", "detection_models", "load_detector", "draw_boxes"]
@@ -87,8 +87,7 @@ def run_explain_detection(args: argparse.Namespace) -> int:
         raise UsageError(f"--detection must be >= 0 (0 is the top detection), got {index}")
     check_readable(args.images)
     where = device(args.device)
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"output folder {args.out} exists and is not a folder")
+    check_out(args.out)
     model, categories = load_detector(args.model, args.weights, args.min_size)
     mean = torch.tensor(model.transform.image_mean).view(1, -1, 1, 1)
     std = torch.tensor(model.transform.image_std).view(1, -1, 1, 1)

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from .common import UsageError, check_choice, device, out_dir
+from .common import UsageError, check_choice, check_out, device, out_dir
 from .images import check_readable, load_images, output_names
 
 __all__ = ["run_explain_segmentation"]
@@ -24,8 +24,7 @@ def run_explain_segmentation(args: argparse.Namespace) -> int:
     check_choice("composite", [args.composite], method_names())
     check_readable(args.images)
     where = device(args.device)
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"output folder {args.out} exists and is not a folder")
+    check_out(args.out)
     model, prep = load_segmenter(args.model, args.weights)
     model = model.to(where)
     explainer = None

@@ -55,6 +55,8 @@ class Add(_OwnLayer):
         return cls(rule)
 
     def forward(self, *operands):
+        if len(operands) >= 2 and all(isinstance(t, Tensor) for t in operands):  # a residual sum
+            return lrp_apply(_SUM, self.rule, operands, relu=self.fused_relu)
         tensor = next((t for t in operands if isinstance(t, Tensor)), None)
         if len(operands) < 2 or tensor is None or not all(isinstance(t, (Tensor, int, float)) for t in operands):
             out = operands[0]
