@@ -113,9 +113,9 @@ def convert(
     target.eval()
     adopt(target)  # torchvision's detection modules: see lrpx.detection
     twins = registry(twins, target)
-    opened = _check_leaves(target, twins, trace)  # before tracing can fail on them
+    _check_leaves(target, twins, trace)  # before tracing can fail on them
     target, graph = canonize_graph(target, twins, trace=trace)
-    _check_opened(graph, opened)
+    _check_opened(graph)
     _check_parameters(target, twins, graph)
     composite = composite or Composite()
     table = composite.table(target, twins)
@@ -143,7 +143,7 @@ def _rules_at_run_time(model: nn.Module, graph: ModelGraph, composite: Composite
         cls = type(module)
         if cls not in _OPLEVEL_CLASSES:
             def forward(self, *args, _forward=cls.forward, **kwargs):
-                with OpRules(self.lrpx_rules):
+                with OpRules(self.lrpx_rules, type(self).__qualname__):
                     return _forward(self, *args, **kwargs)
             _OPLEVEL_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
                                                                 "__qualname__": cls.__qualname__})
@@ -203,16 +203,12 @@ def _sizes(graph: ModelGraph, name: str) -> set[str]:
     return set(names) - passed
 
 
-def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
+def _check_opened(graph: ModelGraph) -> None:
     """Traced forward code computes nothing from the input outside the layers the rewrite made
     of it (moving, reshaping and joining values aside; divisions by activations are kept by
-    design), and the leaves without a twin could be traced: an operation without a rule would
-    pass its plain gradient as relevance."""
+    design): an operation without a rule would pass its plain gradient as relevance. (Forward
+    code that does not trace takes its rules at run time, :mod:`lrpx.oplevel`.)"""
     bad, reasons = [], []
-    for name, cls in opened:
-        if name in graph.untraced:
-            bad.append((name, cls))
-            reasons.append(f"'{name}': its forward cannot be traced ({graph.untraced[name].splitlines()[0]})")
     for name, g in graph.items():
         ops = unrouted(g, _sizes(graph, name))
         if ops:

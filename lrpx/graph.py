@@ -161,11 +161,9 @@ class ModelGraph:
     graphs: dict[str, fx.Graph] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
 
-    #: leaves of unknown classes whose forward could not be traced: ``{name: reason}``
-    untraced: dict[str, str] = field(default_factory=dict)
     #: the class of each traced module (before it becomes a ``GraphModule``)
     classes: dict[str, type] = field(default_factory=dict)
-    #: modules with children whose forward could not be traced: their operations take their
+    #: modules whose forward could not be traced (or rebuilt): their operations take their
     #: rules at run time (:mod:`lrpx.oplevel`); ``{name: reason}``
     oplevel: dict[str, str] = field(default_factory=dict)
     #: the call nodes of each module in its callers' graphs
@@ -189,8 +187,8 @@ class ModelGraph:
             if trace and name and type(module) not in known and _has_forward(module):
                 try:
                     self.graphs[name] = _trace(module, name, sites.get(name, []))
-                except TraceError as err:
-                    self.untraced[name] = str(err.__cause__ or err)
+                except TraceError as err:  # its operations take their rules at run time
+                    self.oplevel[name] = str(err.__cause__ or err).splitlines()[0]
             return
         if type(module) is nn.Sequential:
             self.graphs[name] = chain_graph(module)

@@ -4,10 +4,15 @@ A module whose forward branches on the data or on sizes (torchvision's shifted-w
 attention pads only when the window does not fit) has no graph to rewrite. ``convert`` gives
 such a module an :class:`OpRules` mode: while its forward runs, each functional operation on
 values that carry relevance (tensors that require grad) is replaced by the same operation with
-its LRP rule, by the kind of operation:
+its LRP rule, by the kind of operation. Values computed in that forward from parameters and
+constants alone (a relative position bias gathered from its table, a clamped logit scale) carry
+no relevance of the input, although they require grad: they are constants to the rules.
 
-* ``F.linear`` with a weight, ``F.layer_norm``: the weighted and normalisation rules;
-* ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` of two such values, ``F.scaled_dot_product_attention``:
+* ``F.linear`` and ``F.conv*d`` with a weight (not computed from the input), ``F.layer_norm``:
+  the weighted and normalisation rules; ``F.normalize``: relevance passes (the norm is read as
+  a constant, as the normalisation rule reads it);
+* ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` / ``torch.einsum`` of two such values,
+  ``F.scaled_dot_product_attention``:
   the bilinear rule (and the softmax rule inside attention);
 * ``softmax``: the softmax rule; ``a + b`` and ``a - b``: the sum rule (a number or a constant
   tensor takes its share like a bias); ``mean``/``sum`` over dimensions: the sum rule;
@@ -18,8 +23,9 @@ its LRP rule, by the kind of operation:
   each of two (a gate is not told apart from a signal here, unlike in traced code);
   ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule.
 
-Everything else (indexing, reshapes, rolls, padding, concatenation) keeps its gradient, which
-moves relevance. The mode is a ``torch.overrides.TorchFunctionMode``: per thread, active only
+Indexing, reshapes, rolls, padding, concatenation and max pooling keep their gradient, which
+moves relevance. Any other operation on values from the input keeps its gradient too, and is
+reported once with an :class:`UnruledOperationWarning` that names the module and the operation. The mode is a ``torch.overrides.TorchFunctionMode``: per thread, active only
 inside that module's forward, and inactive inside twins (their own operations are theirs).
 Operations on tensors that do not require grad run unchanged, so a forward under
 ``torch.no_grad`` computes exactly what the original does.
@@ -27,6 +33,7 @@ Operations on tensors that do not require grad run unchanged, so a forward under
 from __future__ import annotations
 
 import operator
+import warnings
 from functools import partial
 
 import torch
@@ -35,11 +42,19 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .core import lrp_apply
-from .ops import ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SumOps
+from .layers.attention import ScaledDotProductAttention, lrp_softmax
+from .routing import ROUTING_FUNCTIONS, ROUTING_METHODS
+from .ops import ConvOps, ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SumOps
 from .rules.base import Rule
 from .rules.elementwise import Pass
 
-__all__ = ["OpRules"]
+__all__ = ["OpRules", "UnruledOperationWarning"]
+
+
+class UnruledOperationWarning(UserWarning):
+    """An operation on values from the input, in forward code that takes its rules at run time,
+    that lrpx has no rule for: its plain gradient passes as relevance."""
+
 
 _PASS = Pass()
 _T = torch.Tensor
@@ -54,39 +69,70 @@ _MATMULS = {torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm}
 _SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
 _REDUCE = {torch.mean: False, _T.mean: False, torch.sum: True, _T.sum: True}
 _NEG = {torch.neg, _T.neg, _T.__neg__}
+#: methods and attribute reads that move, select or inspect values (their gradient routes)
+_MOVES = ROUTING_METHODS | {"__getitem__", "__setitem__", "__get__", "__len__", "__iter__", "__bool__", "__eq__",
+                            "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__format__", "__repr__", "expand",
+                            "expand_as", "contiguous", "numel", "is_floating_point", "is_contiguous", "dim",
+                            "dropout", "pad", "max_pool2d", "cat", "stack", "masked_fill", "where", "detach",
+                            "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like",
+                            "empty_like", "full_like", "eq", "ne", "lt", "le", "gt", "ge", "index_select", "gather",
+                            "take_along_dim", "register_hook", "argmax", "argmin", "argsort", "topk", "max", "amax"}
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ACTIVATIONS = {F.relu, torch.relu, _T.relu, F.gelu, F.silu, torch.sigmoid, _T.sigmoid, F.sigmoid, torch.tanh,
                 _T.tanh, F.hardswish, F.hardsigmoid, F.mish, F.leaky_relu, F.elu, F.relu6, F.hardtanh}
-
-
-def _carries(value) -> bool:
-    return isinstance(value, Tensor) and value.requires_grad
 
 
 class OpRules(TorchFunctionMode):
     """The mode that gives operations their rules; ``rules`` maps each kind of layer
     (``lrpx.rules.KINDS``) to its rule (a composite's fallbacks)."""
 
-    def __init__(self, rules: dict[str, Rule]) -> None:
+    def __init__(self, rules: dict[str, Rule], where: str = "") -> None:
         super().__init__()
-        self.rules = rules
+        self.rules, self.where = rules, where
+        #: values computed from parameters and constants alone in this forward, by id (kept
+        #: alive while the mode is): they carry no relevance of the input, even if they require
+        #: grad (a relative position bias from a table, a clamped logit scale)
+        self._constants: dict[int, Tensor] = {}
+
+    def _carries(self, value) -> bool:
+        return isinstance(value, Tensor) and value.requires_grad and not isinstance(value, nn.Parameter) \
+            and id(value) not in self._constants
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled() or not any(_carries(a) for a in args) and \
-                not any(_carries(v) for v in kwargs.values()):
+        if not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        if not any(self._carries(a) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+            out = func(*args, **kwargs)
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    self._constants[id(t)] = t
+            return out
         done = self._with_rule(func, args, kwargs)
-        return func(*args, **kwargs) if done is NotImplemented else done
+        if done is not NotImplemented:
+            return done
+        if func not in ROUTING_FUNCTIONS and getattr(func, "__name__", "") not in _MOVES:
+            warnings.warn(f"{self.where or 'a module'} applies {getattr(func, '__name__', func)} to values computed "
+                          "from the input at run time: lrpx has no rule for it, so its plain gradient passes as "
+                          "relevance", UnruledOperationWarning, stacklevel=2)
+        return func(*args, **kwargs)
 
     def _with_rule(self, func, args, kwargs):
         rules = self.rules
         if func is F.linear:
             bound = _bind(("input", "weight", "bias"), args, kwargs)
             x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
-            if isinstance(x, Tensor) and \
-                    (isinstance(weight, nn.Parameter) or isinstance(weight, Tensor) and not weight.requires_grad):
+            if isinstance(x, Tensor) and isinstance(weight, Tensor) and not self._carries(weight):
                 return lrp_apply(LinearOps(), rules["weighted"], x, weight, bias)
             return NotImplemented
+        if func in _CONVS:
+            return self._conv(_CONVS[func], args, kwargs)
+        if func is F.normalize:
+            bound = _bind(("input", "p", "dim", "eps", "out"), args, kwargs)
+            if not self._carries(bound.get("input")) or bound.pop("out", None) is not None:
+                return NotImplemented
+            normalize = partial(F.normalize, **{k: v for k, v in bound.items() if k != "input"})
+            return lrp_apply(ElementwiseOps(normalize), _PASS, bound["input"])
         if func is F.layer_norm:
             bound = _bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
             if "normalized_shape" not in bound:
@@ -94,19 +140,22 @@ class OpRules(TorchFunctionMode):
             return lrp_apply(LayerNormOps(tuple(bound["normalized_shape"]), bound.get("eps", 1e-5)),
                              rules["normalization"], bound["input"], bound.get("weight"), bound.get("bias"))
         if func is F.scaled_dot_product_attention:
-            from .layers.attention import ScaledDotProductAttention
             return ScaledDotProductAttention(rules["bilinear"])(*args, **kwargs)
         if func in _ACTIVATIONS and kwargs.get("inplace"):
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # never in place on a saved output
         if kwargs and func not in _SOFTMAX and func not in _REDUCE:
             return NotImplemented
-        if func in _MATMULS and len(args) == 2 and all(_carries(a) for a in args) and min(a.dim() for a in args) >= 2:
+        if func in _MATMULS and len(args) == 2 and all(self._carries(a) for a in args) and min(a.dim() for a in args) >= 2:
             return lrp_apply(MatmulOps(), rules["bilinear"], tuple(args))
+        if func is torch.einsum and len(args) in (2, 3) and isinstance(args[0], str):
+            operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
+            if len(operands) == 2 and all(self._carries(a) for a in operands):
+                return lrp_apply(MatmulOps(args[0]), rules["bilinear"], operands)
+            return NotImplemented
         if func in _SOFTMAX:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if dim is None or kwargs.get("dtype") is not None:
                 return NotImplemented
-            from .layers.attention import lrp_softmax
             return lrp_softmax(args[0], dim, rules["softmax"])
         if func in _REDUCE and isinstance(args[0], Tensor) and set(kwargs) <= {"dim", "keepdim"}:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
@@ -145,10 +194,23 @@ class OpRules(TorchFunctionMode):
             op = operator.truediv if divide else operator.mul
             function = (lambda t: op(t, number)) if tensor is a else (lambda t: op(number, t))
             return lrp_apply(ElementwiseOps(function), _PASS, tensor)
-        if divide and _carries(b):
+        if divide and self._carries(b):
             return NotImplemented  # a division by an activation: its gradient
-        signal = None if _carries(a) and _carries(b) else 0 if _carries(a) else 1
+        signal = None if self._carries(a) and self._carries(b) else 0 if self._carries(a) else 1
         return lrp_apply(ProductOps(signal, divide, (a.shape, b.shape)), self.rules["product"], (a, b))
+
+
+    def _conv(self, dim: int, args, kwargs):
+        bound = _bind(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, kwargs)
+        weight, padding = bound.get("weight"), bound.get("padding", 0)
+        if not isinstance(weight, Tensor) or self._carries(weight) or isinstance(padding, str):
+            return NotImplemented
+
+        def expand(value) -> tuple[int, ...]:
+            return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dim
+        ops = ConvOps(dim, expand(bound.get("stride", 1)), expand(padding), expand(bound.get("dilation", 1)),
+                      bound.get("groups", 1))
+        return lrp_apply(ops, self.rules["weighted"], bound["input"], weight, bound.get("bias"))
 
 
 def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:

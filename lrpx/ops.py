@@ -279,12 +279,23 @@ class SoftmaxOps:
 
 @dataclass(frozen=True)
 class MatmulOps:
-    """``a @ b`` of two activations (attention scores, attention times values)."""
+    """``a @ b`` of two activations (attention scores, attention times values), or
+    ``torch.einsum(equation, a, b)`` (a product of two activations summed over shared indices)."""
 
+    equation: str | None = None
     kind: ClassVar[str] = "bilinear"
 
     def forward(self, input: tuple[Tensor, Tensor], weight: None = None, bias: None = None) -> Tensor:
-        return torch.matmul(*input)
+        return torch.matmul(*input) if self.equation is None else torch.einsum(self.equation, *input)
+
+    def pair_vjp(self, s: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """The VJPs of ``s`` for both factors: ``(s b^T, a^T s)`` for a matmul (broadcast over
+        leading dimensions, not yet summed to the factors' shapes)."""
+        if self.equation is None:
+            return torch.matmul(s, b.mT), torch.matmul(a.mT, s)
+        with torch.enable_grad():
+            a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+            return torch.autograd.grad(torch.einsum(self.equation, a_, b_), (a_, b_), s)
 
 
 @dataclass(frozen=True)

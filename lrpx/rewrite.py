@@ -17,7 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .graph import ModelGraph
 from .calls import layer_from_call
@@ -120,13 +120,28 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
             new = _rewrite_product(module, graph, node, kinds)
         elif _is_matmul(node) and all(isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args):
             new = _replace(module, graph, node, Matmul(), tuple(node.args))
+        elif _einsum_factors(node, kinds):
+            new = _replace(module, graph, node, Matmul(equation=node.args[0]), _einsum_factors(node, kinds))
         elif _is_add(node) and all(_is_number(a) or isinstance(a, fx.Node) and kinds[a] != "meta" for a in node.args) \
                 and "input" in (kinds[a] for a in node.args if isinstance(a, fx.Node)):
-            new = _replace(module, graph, node, Add(), tuple(node.args))
+            new = _replace(module, graph, node, Add(), tuple(_absorbing(graph, a, node) if isinstance(a, fx.Node)
+                                                             and kinds[a] == "constant" else a for a in node.args))
         if new is not None:
             kinds[new] = kinds[node]
             changed = True
     return changed
+
+
+def constant_share(value):
+    """A constant operand of a sum (a position embedding, a bias computed from parameters) as
+    the sum's rule sees it: it takes its share of the relevance like a bias, and the share
+    stays there rather than flowing back into the computation that made it."""
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _absorbing(graph: fx.Graph, value: fx.Node, before: fx.Node) -> fx.Node:
+    with graph.inserting_before(before):
+        return graph.call_function(constant_share, (value,))
 
 
 def _replace(module: nn.Module, graph: fx.Graph, node: fx.Node, layer: nn.Module, args: tuple,
@@ -238,7 +253,23 @@ def tags(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> dict[fx.Node,
             found = {found_tags[n] for n in node.all_input_nodes}
             kinds = ("input",) if node.op == "call_module" else ("input", "meta")  # a module gives tensors
             found_tags[node] = next((k for k in kinds if k in found), "constant")
+            if found_tags[node] == "meta" and node.op == "call_method" and \
+                    found_tags.get(node.args[0]) == "constant":  # a constant tensor shaped by sizes
+                found_tags[node] = "constant"
     return found_tags
+
+
+def _einsum_factors(node: fx.Node, kinds: dict) -> tuple[fx.Node, fx.Node] | None:
+    """The two operands of ``torch.einsum(equation, a, b)`` (or ``(equation, [a, b])``) when
+    both are values from the input: a bilinear product."""
+    if node.op != "call_function" or node.target is not torch.einsum or node.kwargs or \
+            not node.args or not isinstance(node.args[0], str):
+        return None
+    operands = tuple(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+        else tuple(node.args[1:])
+    if len(operands) == 2 and all(isinstance(a, fx.Node) and kinds[a] == "input" for a in operands):
+        return operands
+    return None
 
 
 def _is_matmul(node: fx.Node) -> bool:

@@ -3,6 +3,7 @@ a change of the engine that should not change any value can be checked against t
 
     python tests/relevance_snapshot.py            # compare with the stored fingerprints
     python tests/relevance_snapshot.py --write    # store new ones (only after a deliberate change)
+    python tests/relevance_snapshot.py --add a b  # store those of new families, keep the others
 
 A fingerprint of a relevance map ``R`` (float64) is, per sample, its sum, its L1 norm and its
 projections on eight fixed vectors ``v_k[i] = cos(1.618 k i + k)`` (formula, not a random
@@ -88,8 +89,15 @@ def differences(stored: dict, fresh: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="store the fingerprints")
+    parser.add_argument("--add", nargs="+", metavar="FAMILY", help="store those of these families only")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.add:
+        stored = json.loads(STORE.read_text())
+        stored["fingerprints"].update(compute(args.add))
+        STORE.write_text(json.dumps(stored, indent=0) + "\n")
+        print(f"added {', '.join(args.add)} to {STORE}")
+        return 0
     fresh = compute()
     if args.write:
         STORE.write_text(json.dumps({"torch": torch.__version__, "fingerprints": fresh}, indent=0) + "\n")

@@ -4,6 +4,8 @@ pass), and attention written with ``@`` or ``F.scaled_dot_product_attention``; e
 against an explicit computation of the rules."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,14 +121,36 @@ class Flip(nn.Module):
         return x if x.sum() > 0 else -x
 
 
+class ExpIfPositive(nn.Module):
+    def forward(self, x):
+        return x.exp() if x.sum() > 0 else x
+
+
 def test_leaves_that_compute_without_a_rule_are_refused_with_the_reason():
     model = nn.Sequential(nn.Linear(3, 3), Exp(), nn.Sequential(Flip()), nn.Linear(3, 1))
     with pytest.raises(lrpx.UnsupportedModuleError) as info:
         lrpx.convert(model)
-    assert info.value.modules == [("1", Exp), ("2.0", Flip)]
+    assert info.value.modules == [("1", Exp)]
     msg = str(info.value)
     assert "'1': its forward applies exp to values computed from the input, which take no LRP rule" in msg
-    assert "'2.0': its forward cannot be traced" in msg and "twins=" in msg
+    assert "twins=" in msg
+
+
+def test_leaves_that_do_not_trace_take_their_rules_at_run_time():
+    """A data-dependent branch does not trace: the leaf's operations get their rules while it
+    runs (a negation passes the relevance), and one without a rule is named in a warning."""
+    lrp = lrpx.convert(nn.Sequential(nn.Sequential(Flip())).eval())
+    assert list(lrp.lrpx_graph.oplevel) == ["0.0"]
+    x, R = torch.tensor([[1.0, -4.0, 2.0]], dtype=DT), torch.tensor([[0.3, -0.2, 1.5]], dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    torch.testing.assert_close(out, -x)
+    torch.testing.assert_close(rel, R, rtol=1e-14, atol=1e-14)  # -x: R_x = (-x) R / (-x)
+
+    lrp = lrpx.convert(nn.Sequential(ExpIfPositive()).eval())
+    x = torch.tensor([[1.0, 2.0]], dtype=DT, requires_grad=True)
+    with pytest.warns(lrpx.oplevel.UnruledOperationWarning, match="ExpIfPositive applies exp"):
+        (rel,) = torch.autograd.grad(lrp(x), x, torch.ones(1, 2, dtype=DT))
+    torch.testing.assert_close(rel, x.detach().exp())  # the plain gradient, as the warning says
 
 
 class Block(nn.Module):
@@ -463,3 +487,85 @@ def test_run_time_rules_bind_keyword_arguments():
     torch.testing.assert_close(out, model(x).detach(), rtol=0, atol=0)  # the bias is not lost
     W, b = model[0].lin.weight.detach(), model[0].lin.bias.detach()
     torch.testing.assert_close(rel, epsilon_linear(x, W, b, R, 1e-3), rtol=1e-10, atol=1e-13)  # norm: Pass
+
+
+class Contract(nn.Module):
+    """Scores of the tokens with the flipped tokens written with ``torch.einsum``; ``branch``
+    adds a data-dependent test, so that the forward takes its rules at run time."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x):
+        if self.branch and x.sum() < -1e9:
+            x = -x
+        return torch.einsum("bid,bjd->bij", x, x.flip(1))
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["traced", "run-time"])
+def test_einsum_of_two_activations_takes_the_bilinear_rule(branch):
+    lrp = lrpx.convert(nn.Sequential(Contract(branch)).eval())
+    assert bool(lrp.lrpx_graph.oplevel) is branch
+    g = torch.Generator().manual_seed(3)
+    x, R = torch.randn(2, 3, 4, generator=g, dtype=DT), torch.randn(2, 3, 3, generator=g, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    q, k = x, x.flip(1)
+    z = q @ k.transpose(1, 2)
+    S = R / stab(2 * z, 1e-6)  # AttnLRP: epsilon on each factor, half the relevance each
+    expected = q * (S @ k) + (k * (S.transpose(1, 2) @ q)).flip(1)
+    torch.testing.assert_close(out, z)
+    torch.testing.assert_close(rel, expected, rtol=1e-12, atol=1e-12)
+
+
+class SameConv(nn.Conv2d):
+    """A convolution that pads its input on the fly to keep the size (as timm's Conv2dSame):
+    sizes computed with Python arithmetic from the input do not trace."""
+
+    def forward(self, x):
+        pad = max((math.ceil(x.shape[-1] / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0]
+                  - x.shape[-1], 0)
+        x = F.pad(x, [pad // 2, pad - pad // 2, pad // 2, pad - pad // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class ConstantFactors(nn.Module):
+    """A factor and a summand computed from parameters alone, in a forward that does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor([0.2, -0.4, 0.1], dtype=DT))
+        self.shift = nn.Parameter(torch.tensor([0.3, 0.5, -0.2], dtype=DT))
+
+    def forward(self, x):
+        if x.sum() < -1e9:
+            x = -x
+        return x * self.log_scale.exp() + 2 * self.shift
+
+
+def test_values_from_parameters_alone_are_constants_at_run_time():
+    lrp = lrpx.convert(nn.Sequential(ConstantFactors()).eval())
+    assert list(lrp.lrpx_graph.oplevel) == ["0"]
+    x, R = torch.tensor([[1.0, -2.0, 0.5]], dtype=DT), torch.tensor([[0.3, -0.2, 1.5]], dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    a = x * torch.tensor([0.2, -0.4, 0.1], dtype=DT).exp()
+    z = a + 2 * torch.tensor([0.3, 0.5, -0.2], dtype=DT)
+    # the scale passes all of the relevance to x (not half to the parameter); the shift takes
+    # its share like a bias
+    torch.testing.assert_close(rel, a * R / stab(z, 1e-6), rtol=1e-13, atol=1e-13)
+
+
+def test_convolutions_that_do_not_trace_take_the_weighted_rule_at_run_time():
+    torch.manual_seed(0)
+    conv = SameConv(2, 3, 3, stride=2).double().eval()
+    lrp = lrpx.convert(nn.Sequential(conv))
+    assert list(lrp.lrpx_graph.oplevel) == ["0"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 5, 5, generator=g, dtype=DT)
+    R = torch.randn(1, 3, 3, 3, generator=g, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    xp = F.pad(x, [1, 1, 1, 1])
+    z = F.conv2d(xp, conv.weight, conv.bias, 2)
+    expected = xp * torch.nn.grad.conv2d_input(xp.shape, conv.weight, R / stab(z, 1e-6), stride=2)
+    torch.testing.assert_close(out, z)
+    torch.testing.assert_close(rel, expected[..., 1:-1, 1:-1], rtol=1e-12, atol=1e-12)

@@ -2,6 +2,8 @@
 plus an independent account of the relevance each LRP layer absorbs."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -10,6 +12,14 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import lrpx
 from lrpx.layers import Add
+
+
+#: builders that take constructor arguments the registry's builder fixes: MaxViT-T's layers with
+#: another partition size, so that it runs at a small input
+_BUILDERS = {
+    "maxvit_t": partial(torchvision.models.maxvit._maxvit, stem_channels=64, block_channels=[64, 128, 256, 512],
+                        block_layers=[2, 2, 5, 2], head_dim=32, stochastic_depth_prob=0.2),
+}
 
 
 def randomized(name: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Module:
@@ -22,7 +32,7 @@ def randomized(name: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Mo
     embeddings become random too.
     """
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    model = _BUILDERS.get(name, partial(torchvision.models.get_model, name))(weights=None, **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
@@ -165,10 +175,17 @@ def _attention_absorbed(m: nn.MultiheadAttention, inputs, R) -> torch.Tensor:
     return R.sum() - torch.as_tensor(r_q.sum() + r_k.sum() + r_v.sum())
 
 
-def _matmul_parts(a, b, R, e):
-    """R_a, R_b of the AttnLRP matmul rule (epsilon on each factor, half each)."""
-    S = R / stab(2 * (a @ b), e)
-    return a * (S @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ S)
+def _matmul_parts(a, b, R, e, equation=None):
+    """R_a, R_b of the AttnLRP matmul rule (epsilon on each factor, half each); for
+    ``torch.einsum(equation, a, b)`` the two VJPs come from autograd of the plain contraction."""
+    if equation is None:
+        S = R / stab(2 * (a @ b), e)
+        return a * (S @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ S)
+    with torch.enable_grad():
+        a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+        z = torch.einsum(equation, a_, b_)
+        g_a, g_b = torch.autograd.grad(z, (a_, b_), R / stab(2 * z.detach(), e))
+    return a * g_a, b * g_b
 
 
 def _sdpa_absorbed(m, inputs, kwargs, R) -> torch.Tensor:
@@ -195,8 +212,57 @@ def _sdpa_absorbed(m, inputs, kwargs, R) -> torch.Tensor:
     return R.sum() - (R_q.sum() + R_k.sum() + R_v.sum())
 
 
+def _stand_in(ops, weight: torch.Tensor, bias) -> nn.Module:
+    """A torch layer with ``weight`` and ``bias`` that computes what ``ops`` (a linear or
+    convolution applied at run time) computes, for :func:`absorbed`."""
+    if isinstance(ops, lrpx.ops.LinearOps):
+        m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ops.dim]
+        m = conv(weight.shape[1] * ops.groups, weight.shape[0], tuple(weight.shape[2:]), ops.stride, ops.padding,
+                 ops.dilation, ops.groups, bias=bias is not None)
+    m.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        m.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return m
+
+
+def _op_absorbed(c: dict, R: torch.Tensor) -> torch.Tensor:
+    """R_out minus R_in of an operation that took its rule at run time (``lrpx.oplevel``),
+    from the rules' definitions."""
+    ops, rule, inputs, z = c["ops"], c["rule"], c["inputs"], c["output"]
+    if isinstance(ops, lrpx.ops.MatmulOps):
+        r_a, r_b = _matmul_parts(*inputs[:2], R, rule.epsilon, ops.equation)
+        return R.sum() - r_a.sum() - r_b.sum()
+    if isinstance(rule, (lrpx.rules.Pass, lrpx.rules.Uniform)):  # a product: R_a + R_b = R
+        return torch.zeros((), dtype=R.dtype)
+    if isinstance(ops, (lrpx.ops.LinearOps, lrpx.ops.ConvOps)):
+        m = _stand_in(ops, c["weight"], c["bias"])
+        m.rule = rule
+        return absorbed(m, inputs[0], z, R)
+    if isinstance(ops, lrpx.ops.LayerNormOps):
+        m = nn.LayerNorm(ops.normalized_shape, ops.eps, elementwise_affine=c["weight"] is not None,
+                         bias=c["bias"] is not None, dtype=z.dtype)
+        for key in ("weight", "bias"):
+            if c[key] is not None:
+                setattr(m, key, nn.Parameter(c[key].detach(), requires_grad=False))
+        m.rule = rule
+        return _norm_absorbed(m, inputs[0], z, R)
+    if isinstance(ops, lrpx.ops.SoftmaxOps) or isinstance(rule, lrpx.rules.Taylor):
+        x = inputs[0]
+        return R.sum() - (x * (R - z * R.sum(ops.dim, keepdim=True))).masked_fill(x == float("-inf"), 0).sum()
+    if isinstance(ops, lrpx.ops.SumOps):  # what the operands that pass it on do not get
+        share = R / stab(z, rule.epsilon)
+        return R.sum() - sum((a * share).sum() for a, p in zip(inputs, c["passed"]) if p)
+    if isinstance(rule, lrpx.rules.Norm):  # a mean or sum over dimensions
+        return (R * rule.epsilon * sign0(z) / stab(z, rule.epsilon)).sum()
+    raise NotImplementedError(f"{type(ops).__name__} with {rule!r}")
+
+
 class Recorder:
-    """Records (module, input, output, output relevance) for every LRP layer call."""
+    """Records (module, input, output, output relevance) for every LRP layer call, and
+    (operation, rule, inputs, output, output relevance) for every operation that takes its rule
+    at run time (``lrpx.oplevel``)."""
 
     def __init__(self, model: nn.Module):
         self.calls = []
@@ -205,6 +271,39 @@ class Recorder:
                         if isinstance(m, lrpx.layers.Twin)]
         self.handles += [m.register_forward_pre_hook(self._keep_kwargs, with_kwargs=True) for m in model.modules()
                          if isinstance(m, lrpx.layers.ScaledDotProductAttention)]
+        self._patched = {"lrp_apply": lrpx.oplevel.lrp_apply, "lrp_softmax": lrpx.oplevel.lrp_softmax,
+                         "ScaledDotProductAttention": lrpx.oplevel.ScaledDotProductAttention}
+        lrpx.oplevel.lrp_apply = self._op(lrpx.oplevel.lrp_apply)
+        lrpx.oplevel.lrp_softmax = self._softmax
+        lrpx.oplevel.ScaledDotProductAttention = self._attention
+
+    def _op(self, apply):
+        def recorded(ops, rule, input, weight=None, bias=None, *, relu=False):
+            out = apply(ops, rule, input, weight, bias, relu=relu)
+            inputs = input if isinstance(input, tuple) else (input,)
+            self._record_op(ops, rule, inputs, out, weight, bias)
+            return out
+        return recorded
+
+    def _softmax(self, x, dim, rule):
+        out = self._patched["lrp_softmax"](x, dim, rule)
+        self._record_op(lrpx.ops.SoftmaxOps(dim), rule, (x,), out, None, None)
+        return out
+
+    def _attention(self, rule):
+        m = self._patched["ScaledDotProductAttention"](rule)
+        self.handles += [m.register_forward_pre_hook(self._keep_kwargs, with_kwargs=True),
+                         m.register_forward_hook(self._hook)]
+        return m
+
+    def _record_op(self, ops, rule, inputs, out, weight, bias):
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return
+        entry = {"module": None, "ops": ops, "rule": rule, "output": out.detach(), "relevance": None,
+                 "inputs": tuple(t.detach() for t in inputs), "passed": [t.requires_grad for t in inputs],
+                 "weight": weight, "bias": bias}
+        self.calls.append(entry)
+        out.register_hook(lambda grad, e=entry: e.__setitem__("relevance", grad))
 
     def _keep_kwargs(self, module, args, kwargs):
         self._kwargs[id(module)] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
@@ -234,12 +333,15 @@ class Recorder:
             if not any(c["passed"]):  # inputs computed from constants (a position code from a grid):
                 total = total + R.sum()  # the layer passes its relevance to nothing that carries it
                 continue
+            if m is None:
+                total = total + _op_absorbed(c, R)
+                continue
             if isinstance(m, nn.MultiheadAttention):
                 total = total + _attention_absorbed(m, c["inputs"], R)
             elif isinstance(m, lrpx.layers.ScaledDotProductAttention):
                 total = total + _sdpa_absorbed(m, c["inputs"], c["kwargs"], R)
             elif isinstance(m, lrpx.layers.Matmul):
-                r_a, r_b = _matmul_parts(*c["inputs"][:2], R, m.rule.epsilon)
+                r_a, r_b = _matmul_parts(*c["inputs"][:2], R, m.rule.epsilon, m.equation)
                 total = total + R.sum() - r_a.sum() - r_b.sum()
             elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
                 total = total + _norm_absorbed(m, c["inputs"][0].detach(), c["output"], R)
@@ -256,6 +358,8 @@ class Recorder:
     def remove(self):
         for h in self.handles:
             h.remove()
+        for name, value in self._patched.items():
+            setattr(lrpx.oplevel, name, value)
 
 
 #: torchvision classification families: ``{name: (input size, constructor kwargs)}``, inputs as
@@ -280,6 +384,9 @@ FAMILIES: dict[str, tuple[int, dict]] = {
     "regnet_y_400mf": (32, {}),
     "convnext_tiny": (32, {}),
     "vit_b_16": (32, {"image_size": 32}),
+    "swin_t": (32, {}),
+    "swin_v2_t": (32, {}),
+    "maxvit_t": (64, {"input_size": (64, 64), "partition_size": 2}),
 }
 
 

@@ -126,17 +126,22 @@ class Matmul(_OwnLayer):
 
     lrp_kind = "bilinear"
 
-    def __init__(self, rule: Rule | None = None) -> None:
+    def __init__(self, rule: Rule | None = None, equation: str | None = None) -> None:
         super().__init__(Uniform(1e-6) if rule is None else rule)
+        self.equation = equation
+        self._ops = _MATMUL if equation is None else MatmulOps(equation)
 
     @classmethod
     def from_module(cls, module: "Matmul", rule: Rule) -> "Matmul":
-        return cls(rule)
+        return cls(rule, module.equation)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if a.dim() < 2 or b.dim() < 2:
+        if self.equation is None and (a.dim() < 2 or b.dim() < 2):
             return a @ b  # a vector product: its gradient (no rule for this case)
-        return lrp_apply(_MATMUL, self.rule, (a, b))
+        return lrp_apply(self._ops, self.rule, (a, b))
+
+    def extra_repr(self) -> str:
+        return (f"equation={self.equation!r}, " if self.equation else "") + f"rule={self.rule!r}"
 
 
 class Normalize(_OwnLayer):

@@ -38,7 +38,8 @@ class Uniform(Rule):
       .. math:: S = \frac{R}{\mathrm{stab}(2\,AB, \epsilon)}, \qquad
           R_A = A \odot (S B^\top), \qquad R_B = B \odot (A^\top S),
 
-      batched over (broadcast) leading dimensions, so :math:`\sum R_A + \sum R_B = \sum R` up to
+      batched over (broadcast) leading dimensions (for ``torch.einsum`` of two factors,
+      :math:`S B^\top` and :math:`A^\top S` are the VJPs of the contraction), so :math:`\sum R_A + \sum R_B = \sum R` up to
       the stabilizer;
     * ``product`` layers, :math:`a \odot b` (AttnLRP, Prop. 3.2): :math:`R_a = R_b = R / 2` when
       both factors carry signal; when one of them is a gate (a sigmoid-like branch) or a
@@ -60,9 +61,8 @@ class Uniform(Rule):
             return _split_product(layer.signal, relevance, layer.shapes)
         a, b = input
         s = divide(relevance, output * 2, self.epsilon)
-        relevance_a = torch.matmul(s, b.mT).mul_(a).sum_to_size(a.shape)
-        relevance_b = torch.matmul(a.mT, s).mul_(b).sum_to_size(b.shape)
-        return relevance_a, relevance_b
+        s_a, s_b = layer.pair_vjp(s, a, b)
+        return s_a.mul_(a).sum_to_size(a.shape), s_b.mul_(b).sum_to_size(b.shape)
 
 
 def _split_product(signal: int | None, relevance, shapes):
