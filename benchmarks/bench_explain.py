@@ -2,6 +2,9 @@
 
     python benchmarks/bench_explain.py --models vgg16 resnet50 --batch 1 8 --threads 2
     python benchmarks/bench_explain.py --models --detection fasterrcnn_resnet50_fpn --size 800
+    python benchmarks/bench_explain.py --models timm:convnext_tiny timm:swin_tiny_patch4_window7_224 --batch 1
+
+A model name ``timm:NAME`` is built by ``timm.create_model(NAME, pretrained=False)``.
 
 Each row: median wall time of one explanation (forward + backward) and its ratio to the
 input-gradient baseline (forward + backward to the input, parameters frozen), measured in
@@ -59,7 +62,11 @@ name, method, batch, size, threads, dtype = sys.argv[1], sys.argv[2], int(sys.ar
     int(sys.argv[5]), getattr(torch, sys.argv[6])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-model = getattr(torchvision.models, name)(weights=None).eval().to(dtype)
+if name.startswith("timm:"):
+    import timm
+    model = timm.create_model(name[5:], pretrained=False).eval().to(dtype)
+else:
+    model = getattr(torchvision.models, name)(weights=None).eval().to(dtype)
 for p in model.parameters():
     p.requires_grad_(False)
 if method != "input-gradient":
@@ -105,6 +112,14 @@ def peak_rss(name: str, method: str, batch: int, size: int, threads: int, dtype:
             return None
         peaks.append(float(done.stdout.split()[-1]))
     return statistics.median(peaks)
+
+
+def build(name: str) -> torch.nn.Module:
+    """torchvision's ``name``, or timm's for ``timm:NAME`` (random weights)."""
+    if name.startswith("timm:"):
+        import timm
+        return timm.create_model(name[5:], pretrained=False)
+    return getattr(torchvision.models, name)(weights=None)
 
 
 def grad_step(model, x, target):
@@ -201,7 +216,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
-        model = getattr(torchvision.models, name)(weights=None).eval().to(device, dtype)
+        model = build(name).eval().to(device, dtype)
         for p_ in model.parameters():
             p_.requires_grad_(False)
         methods = {
@@ -218,7 +233,7 @@ def main(argv=None):
             x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)
             target = torch.arange(batch, device=device) % 1000
             steps = {k: grad_step(m, x, target) for k, m in methods.items()}
-            if peers:
+            if peers and not name.startswith("timm:"):
                 steps["zennit EpsilonGammaBox"] = zennit_step(model, x, target, name)
             times = interleaved(steps, device, args.repeat)
             base = times["input-gradient"]

@@ -140,6 +140,7 @@ def _rules_at_run_time(model: nn.Module, graph: ModelGraph, composite: Composite
     rules.setdefault("weighted", Epsilon())
     for name in graph.oplevel:
         module = model.get_submodule(name) if name else model
+        own = _rule_by_class(composite, module)
         cls = type(module)
         if cls not in _OPLEVEL_CLASSES:
             def forward(self, *args, _forward=cls.forward, **kwargs):
@@ -148,7 +149,17 @@ def _rules_at_run_time(model: nn.Module, graph: ModelGraph, composite: Composite
             _OPLEVEL_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
                                                                 "__qualname__": cls.__qualname__})
         module.__class__ = _OPLEVEL_CLASSES[cls]
-        module.lrpx_rules = rules
+        module.lrpx_rules = rules if own is None else {**rules, "weighted": own}
+
+
+def _rule_by_class(composite: Composite, module: nn.Module) -> Rule | None:
+    """The rule of the first composite entry that names a class ``module`` is an instance of
+    (timm's ``Conv2dSame`` is a ``Conv2d``), if it fits weighted layers."""
+    for matcher, rule in composite.rules:
+        classes = matcher if isinstance(matcher, tuple) else (matcher,)
+        if all(isinstance(c, type) for c in classes) and isinstance(module, classes) and rule.fits("weighted"):
+            return rule
+    return None
 
 
 def _swap(model: nn.Module, table: dict[str, Rule], twins: dict) -> None:
@@ -206,9 +217,13 @@ def _sizes(graph: ModelGraph, name: str) -> set[str]:
 def _check_opened(graph: ModelGraph) -> None:
     """Traced forward code computes nothing from the input outside the layers the rewrite made
     of it (moving, reshaping and joining values aside; divisions by activations are kept by
-    design): an operation without a rule would pass its plain gradient as relevance. (Forward
-    code that does not trace takes its rules at run time, :mod:`lrpx.oplevel`.)"""
+    design): an operation without a rule would pass its plain gradient as relevance. Forward
+    code that does not trace takes its rules at run time (:mod:`lrpx.oplevel`), except a torch
+    layer's (an LSTM runs one fused kernel that no rule could see into)."""
     bad, reasons = [], []
+    for name, reason in graph.untraced.items():
+        bad.append((name, graph.classes.get(name, nn.Module)))
+        reasons.append(f"'{name}': its forward cannot be traced ({reason})")
     for name, g in graph.items():
         ops = unrouted(g, _sizes(graph, name))
         if ops:

@@ -20,6 +20,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .detection import UNTRACED
+
+#: ``fx.Node.meta`` key of a call of a traced module: the kinds of the parts of its output
+OUTPUT_KINDS = "lrpx_output_kinds"
 from .layers import copy_hooks
 
 __all__ = ["ModelGraph", "TraceError", "trace_children_as_leaves", "chain_graph", "join"]
@@ -163,6 +166,8 @@ class ModelGraph:
 
     #: the class of each traced module (before it becomes a ``GraphModule``)
     classes: dict[str, type] = field(default_factory=dict)
+    #: torch layers without a twin whose forward could not be traced: ``{name: reason}``
+    untraced: dict[str, str] = field(default_factory=dict)
     #: modules whose forward could not be traced (or rebuilt): their operations take their
     #: rules at run time (:mod:`lrpx.oplevel`); ``{name: reason}``
     oplevel: dict[str, str] = field(default_factory=dict)
@@ -176,7 +181,24 @@ class ModelGraph:
         leaves are traced only if their class is not ``known``)."""
         result = cls()
         result._visit(model, "", trace, whole, known, result.sites)
+        result._annotate_outputs()
         return result
+
+    def _annotate_outputs(self) -> None:
+        """Mark each call of a traced module with which parts of its output are sizes (ViT-like
+        patch embeddings return ``x, (height, width)``), so that its callers' code can tell the
+        sizes it unpacks from tensors (``rewrite.tags``)."""
+        from .rewrite import tags
+
+        for name in sorted(self.graphs, key=lambda n: -n.count(".") - bool(n)):  # children first
+            graph = self.graphs[name]
+            kinds = tags(graph)
+            out = next(n for n in reversed(graph.nodes) if n.op == "output")
+            parts = fx.node.map_aggregate(out.args[0], lambda v: kinds.get(v, "input") if isinstance(v, fx.Node)
+                                          else "constant")
+            if isinstance(parts, (tuple, list)) and "meta" in pytree.tree_leaves(parts):
+                for site in self.sites.get(name, []):
+                    site.meta[OUTPUT_KINDS] = parts
 
     def _visit(self, module: nn.Module, name: str, trace: bool, whole: tuple, known, sites: dict) -> None:
         self.classes[name] = type(module)
@@ -187,8 +209,12 @@ class ModelGraph:
             if trace and name and type(module) not in known and _has_forward(module):
                 try:
                     self.graphs[name] = _trace(module, name, sites.get(name, []))
-                except TraceError as err:  # its operations take their rules at run time
-                    self.oplevel[name] = str(err.__cause__ or err).splitlines()[0]
+                except TraceError as err:
+                    reason = str(err.__cause__ or err).splitlines()[0]
+                    if type(module).__module__.startswith("torch."):  # a torch layer (LSTM): one fused kernel
+                        self.untraced[name] = reason
+                    else:  # its operations take their rules at run time
+                        self.oplevel[name] = reason
             return
         if type(module) is nn.Sequential:
             self.graphs[name] = chain_graph(module)

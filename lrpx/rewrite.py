@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .graph import ModelGraph
+from .graph import OUTPUT_KINDS, ModelGraph
 from .calls import layer_from_call
 from .layers import Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum
 
@@ -241,8 +241,17 @@ def tags(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> dict[fx.Node,
     them (``x.shape``) and for the arguments named in ``sizes`` (which the callers pass sizes
     to), "constant" for parameters, buffers and what only they determine."""
     found_tags: dict[fx.Node, str] = {}
+    parts: dict[fx.Node, tuple | list] = {}  # calls of modules whose outputs hold sizes, and their parts
     for node in graph.nodes:
-        if node.op == "placeholder":
+        if node.op == "call_module" and OUTPUT_KINDS in node.meta:
+            parts[node] = node.meta[OUTPUT_KINDS]
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in parts and \
+                isinstance(node.args[1], int) and -len(parts[node.args[0]]) <= node.args[1] < len(parts[node.args[0]]):
+            part = parts[node.args[0]][node.args[1]]
+            if isinstance(part, (tuple, list)):
+                parts[node] = part
+            found_tags[node] = "meta" if part == "meta" else found_tags[node.args[0]]
+        elif node.op == "placeholder":
             found_tags[node] = "meta" if node.target in sizes else "input"
         elif node.op == "get_attr":
             found_tags[node] = "constant"

@@ -23,9 +23,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lrpx  # noqa: E402
-from lrpx.layers import KEPT, Add, Interpolate, Mean, Normalize, Product  # noqa: E402
+from lrpx.layers import KEPT, Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum  # noqa: E402
 from lrpx.layers.detection import DETECTION_KEPT  # noqa: E402
-from zoo import DETECTION, FAMILIES, SEGMENTATION, SSD_SIZES  # noqa: E402
+from zoo import DETECTION, FAMILIES, SEGMENTATION, SSD_SIZES, build  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
@@ -44,7 +44,7 @@ def _rewrites(original: nn.Module, model: nn.Module) -> str:
     for name, m in model.named_modules():
         if name in before:
             continue
-        if isinstance(m, (Add, Mean, Product, Interpolate, Normalize)):
+        if isinstance(m, (Add, Mean, Product, Interpolate, Normalize, Matmul, Sum, ScaledDotProductAttention)):
             added[type(m).__name__] += 1
         elif isinstance(m, lrpx.layers.Twin):
             added[next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn")).__name__] += 1
@@ -63,7 +63,7 @@ def rows() -> list[tuple[str, ...]]:
     families += [(name, size, {"weights_backbone": None, **kwargs}) for name, (size, kwargs) in SEGMENTATION.items()]
     for name, size, kwargs in families:
         torch.manual_seed(0)
-        original = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
+        original = build(name, weights=None, num_classes=10, **kwargs).eval()
         model = lrpx.convert(original, lrpx.composites.epsilon_gamma_box(-3.0, 3.0))
         out.append((name, f"{size}²", _rules(model), _rewrites(original, model), _kept(model), BOUND))
     for name, ((h, w), kwargs) in DETECTION.items():  # one detection's class logit (lrpx.targets.detection)

@@ -569,3 +569,48 @@ def test_convolutions_that_do_not_trace_take_the_weighted_rule_at_run_time():
     expected = xp * torch.nn.grad.conv2d_input(xp.shape, conv.weight, R / stab(z, 1e-6), stride=2)
     torch.testing.assert_close(out, z)
     torch.testing.assert_close(rel, expected[..., 1:-1, 1:-1], rtol=1e-12, atol=1e-12)
+    # a composite entry that names the class of the module gives its rule
+    rule = lrpx.rules.ZPlus()
+    lrp = lrpx.convert(nn.Sequential(conv), lrpx.Composite([(nn.Conv2d, rule)]))
+    assert lrp[0].lrpx_rules["weighted"] is rule
+
+
+class Patches(nn.Module):
+    """Returns the tokens and the grid's size, as ViT-like patch embeddings do."""
+
+    def forward(self, x):
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+class SineCode(nn.Module):
+    """A position code computed from sizes alone."""
+
+    def forward(self, h: int, w: int):
+        grid = torch.arange(h * w, dtype=torch.float64)
+        return torch.stack([grid.sin(), grid.cos()], -1)
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patches, self.position = Patches(), SineCode()
+
+    def forward(self, x):
+        x, (h, w) = self.patches(x)
+        return x + self.position(h, w)
+
+
+def test_sizes_a_child_returns_beside_its_output_are_sizes():
+    """``h, w`` unpacked from a child's output are sizes, so the code built from them is a
+    constant operand that takes its share of the sum like a bias (not an operation on the
+    input without a rule)."""
+    lrp = lrpx.convert(Tokens().eval())
+    g = torch.Generator().manual_seed(2)
+    x, R = torch.randn(1, 2, 2, 3, generator=g, dtype=DT), torch.randn(1, 6, 2, generator=g, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    tokens = x.flatten(2).transpose(1, 2)
+    grid = torch.arange(6, dtype=DT)
+    z = tokens + torch.stack([grid.sin(), grid.cos()], -1)
+    torch.testing.assert_close(out, z)
+    expected = (tokens * R / stab(z, 1e-6)).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(rel, expected, rtol=1e-12, atol=1e-12)

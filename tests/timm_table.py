@@ -5,7 +5,7 @@
     python tests/timm_table.py --models a b    # only these (printed, not written)
 
 For each architecture (random weights with non-zero biases and random BatchNorm statistics,
-float64, batch 2, at the smallest of 64/96/128/224 px it runs at): whether ``lrpx.convert``
+float64, batch 2, at the smallest of 64/96/128/224/240/256 px it runs at): whether ``lrpx.convert``
 converts it with ``epsilon_gamma_box`` or the error (the modules it names), how it converts
 (which modules take their rules at run time), the forward error relative to the original, and
 the accounting error |input relevance + absorbed - logit| / |logit| (``tests/zoo.py``).

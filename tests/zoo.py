@@ -22,6 +22,11 @@ _BUILDERS = {
 }
 
 
+def build(name: str, **kwargs) -> nn.Module:
+    """torchvision's model ``name`` (with the builders above where they differ)."""
+    return _BUILDERS.get(name, partial(torchvision.models.get_model, name))(**kwargs)
+
+
 def randomized(name: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Module:
     """torchvision ``name`` with random weights, non-zero biases and BatchNorm statistics.
 
@@ -32,7 +37,7 @@ def randomized(name: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Mo
     embeddings become random too.
     """
     torch.manual_seed(seed)
-    model = _BUILDERS.get(name, partial(torchvision.models.get_model, name))(weights=None, **kwargs)
+    model = build(name, weights=None, **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
