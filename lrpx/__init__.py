@@ -13,4 +13,5 @@ from .text import TokenExplanation, explain_generated, explain_tokens
 
 __version__ = "0.1.0"
 __all__ = ["convert", "explain", "Explanation", "Composite", "rule_table", "canonize", "fold_batchnorm",
-           "explain_tokens", "explain_generated", "TokenExplanation", "composites", "concepts", "eval", "layers", "methods", "rules", "targets", "TraceError", "UnsupportedModuleError"]
+           "explain_tokens", "explain_generated", "TokenExplanation", "composites", "concepts", "eval", "layers",
+           "methods", "rules", "targets", "TraceError", "UnsupportedModuleError"]
