@@ -64,6 +64,7 @@ def explain_tokens(
     *,
     position: int | Sequence[int] | Tensor = -1,
     attention_mask: Tensor | None = None,
+    embedding: nn.Module | None = None,
 ) -> TokenExplanation:
     """Relevance of each input token for one logit of a language model.
 
@@ -89,6 +90,9 @@ def explain_tokens(
     attention_mask
         ``(B, T)`` 1 for real tokens, 0 for padding; passed to the model. Padded tokens get
         exactly zero relevance.
+    embedding
+        The input embedding (an ``nn.Embedding``) to use instead of
+        ``lrp_model.get_input_embeddings()``, e.g. the original model's.
 
     Returns
     -------
@@ -97,7 +101,7 @@ def explain_tokens(
     """
     ids = _check_ids(input_ids)
     mask = _check_mask(attention_mask, ids)
-    embedding = input_embedding(lrp_model)
+    embedding = input_embedding(lrp_model) if embedding is None else _check_embedding(embedding)
     _check_vocabulary(ids, embedding)
     with torch.enable_grad():
         embeds = embedding(ids).detach().requires_grad_(True)
@@ -125,6 +129,7 @@ def explain_generated(
     index: int,
     *,
     attention_mask: Tensor | None = None,
+    embedding: nn.Module | None = None,
 ) -> TokenExplanation:
     """Relevance of the tokens before ``sequences[:, index]`` for that token, as ``generate`` chose it.
 
@@ -144,6 +149,8 @@ def explain_generated(
     attention_mask
         ``(B, L)`` mask of ``sequences`` (the prompt's mask extended by ones); its first
         ``index`` columns go to the model.
+    embedding
+        As in :func:`explain_tokens`.
 
     Returns
     -------
@@ -160,7 +167,8 @@ def explain_generated(
                          f"at least one token before it (valid: 1..{length - 1}, or -{length - 1}..-1)")
     mask = _check_mask(attention_mask, ids)
     prefix_mask = None if mask is None else mask[:, :at]
-    return explain_tokens(lrp_model, ids[:, :at], ids[:, at], position=-1, attention_mask=prefix_mask)
+    return explain_tokens(lrp_model, ids[:, :at], ids[:, at], position=-1, attention_mask=prefix_mask,
+                          embedding=embedding)
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:
@@ -169,9 +177,12 @@ def input_embedding(model: nn.Module) -> nn.Embedding:
     if getter is None:
         raise TypeError(f"{type(model).__name__} has no get_input_embeddings(): token relevance needs a model with "
                         "the Hugging Face interface (get_input_embeddings, inputs_embeds=, attention_mask=)")
-    embedding = getter()
+    return _check_embedding(getter())
+
+
+def _check_embedding(embedding) -> nn.Module:
     if not isinstance(embedding, nn.Module) or not hasattr(embedding, "num_embeddings"):
-        raise TypeError(f"get_input_embeddings() returned {type(embedding).__name__}; expected an nn.Embedding")
+        raise TypeError(f"the input embedding is a {type(embedding).__name__}; expected an nn.Embedding")
     return embedding
 
 
