@@ -14,6 +14,7 @@ summed over the hidden size.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 
 from .explain import _check_finite
 
-__all__ = ["explain_tokens", "explain_generated", "TokenExplanation", "model_logits", "input_embedding"]
+__all__ = ["explain_tokens", "explain_generated", "TokenExplanation", "model_logits", "input_embedding",
+           "padded_positions"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ def explain_tokens(
         negative counts from the end (``-1``, the default, predicts the token after the input;
         with left padding it is the last real token). Not used for ``(B, C)`` logits.
     attention_mask
-        ``(B, T)`` 1 for real tokens, 0 for padding; passed to the model. Padded tokens get
-        exactly zero relevance.
+        ``(B, T)`` 1 for real tokens, 0 for padding; passed to the model (with the positions
+        of :func:`padded_positions` when there is padding). Padded tokens get exactly zero relevance.
     embedding
         The input embedding (an ``nn.Embedding``) to use instead of
         ``lrp_model.get_input_embeddings()``, e.g. the original model's.
@@ -103,11 +105,15 @@ def explain_tokens(
     mask = _check_mask(attention_mask, ids)
     embedding = input_embedding(lrp_model) if embedding is None else _check_embedding(embedding)
     _check_vocabulary(ids, embedding)
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, Tensor):  # the ids go where the embedding is
+        ids = ids.to(weight.device)
+        mask = None if mask is None else mask.to(weight.device)
     with torch.enable_grad():
         embeds = embedding(ids).detach().requires_grad_(True)
         kwargs: dict[str, Any] = {"inputs_embeds": embeds}
         if mask is not None:
-            kwargs["attention_mask"] = mask
+            kwargs.update(attention_mask=mask, **padded_positions(lrp_model, mask))
         logits = model_logits(lrp_model(**kwargs))
         rows, positions = _rows(logits, position, ids.shape)
         classes = _targets(target, rows, "classes" if positions is None else "token ids")
@@ -169,6 +175,24 @@ def explain_generated(
     prefix_mask = None if mask is None else mask[:, :at]
     return explain_tokens(lrp_model, ids[:, :at], ids[:, at], position=-1, attention_mask=prefix_mask,
                           embedding=embedding)
+
+
+def padded_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tensor]:
+    """``{"position_ids": ...}`` that count the real tokens only, as ``generate`` does, when the mask
+    has padding and ``model.forward`` takes ``position_ids``; else ``{}``.
+
+    Some models (GPT-2) number the positions from 0 at the first column whatever the mask says, so
+    a left-padded sequence would see its tokens at other positions than unpadded.
+    """
+    if bool((attention_mask == 1).all()):
+        return {}
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "position_ids" not in parameters:
+        return {}
+    return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:

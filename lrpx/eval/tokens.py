@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..text import _check_ids, _check_mask, model_logits
+from ..text import _check_ids, _check_mask, model_logits, padded_positions
 from . import scores as _scores
 from .flipping import warn_if_training
 from .order import ORDERS
@@ -146,9 +146,10 @@ def token_flipping(
         What a removed token becomes: ``"mask"``, ``"pad"`` or ``"unk"`` (the model config's
         ``mask_token_id`` / ``pad_token_id`` / ``unk_token_id``), a token id, or ``"delete"``: the
         token is dropped and the kept tokens are left-padded back to length ``T`` (pad id from the
-        config, else 0; attention mask 0 there), which needs a model that reads the attention mask
-        as left padding; the explained position moves with its token (when every token up to it is
-        deleted, the score is read at a padded position: the model's answer to an empty prefix).
+        config, else 0; attention mask 0 there, and ``position_ids`` that count the real tokens
+        when the model takes them, see :func:`lrpx.text.padded_positions`); the explained
+        position moves with its token (when every token up to it is deleted, the score is read
+        at a padded position: the model's answer to an empty prefix).
     steps
         ``S``; ``None``: the largest ``n_b`` (one token per step for the longest sequence).
     attention_mask
@@ -174,7 +175,7 @@ def token_flipping(
     replacement = _replacement(model, replace)
     warn_if_training(model)
     with torch.inference_mode():
-        clean = model_logits(model(input_ids=ids, attention_mask=mask))
+        clean = _forward(model, ids, mask)
         positions = _positions(clean, position, ids.shape)
         targets = _targets(target, _at(clean, positions))
         removable = (mask == 1) if positions is None else (mask == 1) & (
@@ -203,7 +204,7 @@ def _curves(model, ids: Tensor, mask: Tensor, ranks: Tensor, counts: Tensor, rep
         removed = ranks[o[part], b[part]] < counts[b[part], k[part], None]
         inputs, attention, where = perturb(ids[b[part]], mask[b[part]], removed, replacement,
                                            None if positions is None else positions[b[part]], pad=pad)
-        logits = model_logits(model(input_ids=inputs, attention_mask=attention))
+        logits = _forward(model, inputs, attention)
         curves[o[part], b[part], k[part]] = _log_probability(logits, where, targets[b[part]]).double()
     return curves
 
@@ -224,6 +225,10 @@ def perturb(ids: Tensor, mask: Tensor, removed: Tensor, replacement: str | int, 
         return new_ids, new_mask, None
     after = (kept & (torch.arange(length, device=ids.device) > positions[:, None])).sum(1)
     return new_ids, new_mask, length - 1 - after
+
+
+def _forward(model, ids: Tensor, mask: Tensor) -> Tensor:
+    return model_logits(model(input_ids=ids, attention_mask=mask, **padded_positions(model, mask)))
 
 
 def _log_probability(logits: Tensor, positions: Tensor | None, targets: Tensor) -> Tensor:

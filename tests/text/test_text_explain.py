@@ -161,3 +161,16 @@ def test_explain_generated_with_transformers_generate():
     assert torch.equal(result.target, sequences[:, 4])
     torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
     assert result.relevance.shape == (2, 4) and result.logits.shape == (2, 4, 24)
+
+
+def test_left_padding_of_gpt2_is_invisible():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    config = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=0,
+                                     bos_token_id=0, eos_token_id=0, initializer_range=0.5)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    padded = lrpx.explain_tokens(model, torch.tensor([[0, 0, 5, 6, 7]]), 3,
+                                 attention_mask=torch.tensor([[0, 0, 1, 1, 1]]))
+    alone = lrpx.explain_tokens(model, torch.tensor([[5, 6, 7]]), 3)
+    torch.testing.assert_close(padded.score, alone.score)
+    torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance)

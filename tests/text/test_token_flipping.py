@@ -153,3 +153,20 @@ def test_errors(kwargs, message):
     arguments = dict(relevance=torch.zeros(1, 3), target=0) | kwargs
     with pytest.raises((ValueError, TypeError), match=message):
         lrpx.eval.token_flipping(model, torch.tensor([[1, 2, 3]]), **arguments)
+
+
+def test_deleting_from_gpt2_matches_unpadded_loop():
+    # GPT-2 numbers positions from the first column unless position_ids are given: the left-padded
+    # sequences of "delete" must see their tokens where the unpadded ones do
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    config = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=0,
+                                     bos_token_id=0, eos_token_id=0, initializer_range=0.5)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.tensor([[0, 0, 3, 5, 7, 2], [4, 9, 1, 8, 6, 3]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    relevance = torch.randn(2, 6)
+    result = lrpx.eval.token_flipping(model, ids, relevance, [1, 2], replace="delete", attention_mask=mask, steps=3)
+    expected = loop_reference(model, ids.tolist(), mask.tolist(), relevance.tolist(), [1, 2], [5, 5], "morf",
+                              "delete", 3)
+    np.testing.assert_allclose(result.curve().numpy(), expected, rtol=1e-5, atol=1e-5)
