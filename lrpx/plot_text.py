@@ -38,12 +38,16 @@ def display_tokens(tokens: Sequence[str]) -> list[str]:
 
     ``Ġ`` and ``▁`` (a word starts here) become a space and ``Ċ`` a newline sign ``↵``; with
     WordPiece tokens (any token starts with ``##``), a token without ``##`` starts a word and one
-    with ``##`` continues it. The first token never gets a leading space.
+    with ``##`` continues it; tokens without any of these markers (a word-level vocabulary, ids)
+    are separated by spaces. The first token never gets a leading space.
     """
     wordpiece = any(t.startswith(_CONTINUATION) and len(t) > 2 for t in tokens)
+    marked = any(m in t for t in tokens for m in _SPACE_MARKERS + _NEWLINE_MARKERS)
     shown = []
     for token in tokens:
-        if wordpiece:
+        if not (wordpiece or marked):  # word-level tokens, or ids as strings
+            text = " " + token
+        elif wordpiece:
             text = token[2:] if token.startswith(_CONTINUATION) and len(token) > 2 else " " + token
         else:
             text = token

@@ -23,7 +23,8 @@ def test_colour_scale():
     (["The", "Ġcat", "Ġsat", "Ċ", "ly"], ["The", " cat", " sat", "↵", "ly"]),
     (["▁Hello", "▁wor", "ld"], ["Hello", " wor", "ld"]),
     (["[CLS]", "play", "##ing", "well", "[SEP]"], ["[CLS]", " play", "ing", " well", " [SEP]"]),
-    (["12", "7"], ["12", "7"]),
+    (["12", "7"], ["12", " 7"]),  # no markers: words (or ids) apart
+    (["the", "<b>"], ["the", " <b>"]),
 ])
 def test_display_tokens(tokens, shown):
     assert plot_text.display_tokens(tokens) == shown
