@@ -10,6 +10,7 @@ with an intensity of ``|relevance| / max |relevance|`` over the sequence.
 from __future__ import annotations
 
 import html
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -131,7 +132,7 @@ def _values(tokens: Sequence[str], relevance) -> list[float]:
         [float(v) for v in relevance]
     if len(values) != len(tokens):
         raise ValueError(f"{len(tokens)} tokens but {len(values)} relevance values; give one value per token")
-    if not all(map(lambda v: v == v and abs(v) != float("inf"), values)):
+    if not all(math.isfinite(v) for v in values):
         raise ValueError("relevance contains NaN or inf")
     return values
 

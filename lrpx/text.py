@@ -15,8 +15,9 @@ summed over the hidden size.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +116,9 @@ def explain_tokens(
         if mask is not None:
             kwargs.update(attention_mask=mask, **padded_positions(lrp_model, mask))
         logits = model_logits(lrp_model(**kwargs))
+        if not logits.requires_grad:
+            raise ValueError("the model's logits do not depend on inputs_embeds; its forward must use the "
+                             "inputs_embeds= it is given (and not run under torch.no_grad)")
         rows, positions = _rows(logits, position, ids.shape)
         classes = _targets(target, rows, "classes" if positions is None else "token ids")
         r_out = torch.zeros_like(logits)
@@ -125,7 +129,7 @@ def explain_tokens(
         (relevance,) = torch.autograd.grad(logits, embeds, grad_outputs=r_out)
     _check_finite(relevance)
     if mask is not None:
-        relevance = relevance * (mask != 0).unsqueeze(-1).to(relevance.dtype)
+        relevance = relevance.masked_fill((mask == 0).unsqueeze(-1), 0.0)
     return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance)
 
 

@@ -98,7 +98,7 @@ def test_sequence_classifier(monkeypatch, capsys, tmp_path):
     model = BagClassifier(vocabulary=len(WORDS), classes=3).double().eval()
     model.config = SimpleNamespace(id2label={0: "neg", 1: "neutral", 2: "pos"})
     monkeypatch.setattr(cli_text, "load_text_model", lambda name: (word_tokenizer(), model))
-    code, out, err = run(capsys, "--model", "toy", "--text", "a dog ran", "--target", "2", "--out", tmp_path)
+    code, _, err = run(capsys, "--model", "toy", "--text", "a dog ran", "--target", "2", "--out", tmp_path)
     assert code == 0, err
     record = json.loads((tmp_path / "relevance.json").read_text())
     assert record["target"] == {"id": 2, "token": "pos"} and record["position"] is None
@@ -123,7 +123,7 @@ def test_saved_gpt2_loads_and_writes(tiny_gpt2, monkeypatch, capsys, tmp_path):
     # convert has no rules for GPT-2 yet: the plain model (gradient x logit) stands in, which is
     # enough for loading, tokenising and writing from a save_pretrained folder
     monkeypatch.setattr(cli_text, "convert_text_model", lambda model: model)
-    code, out, err = run(capsys, "--model", tiny_gpt2, "--text", "the dog sat", "--out", tmp_path)
+    code, _, err = run(capsys, "--model", tiny_gpt2, "--text", "the dog sat", "--out", tmp_path)
     assert code == 0, err
     record = json.loads((tmp_path / "relevance.json").read_text())
     assert record["tokens"] == ["the", "dog", "sat"] and record["ids"] == [3, 9, 5]

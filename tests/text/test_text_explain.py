@@ -53,7 +53,7 @@ def test_padding_gets_exactly_zero(bag):
     ids = torch.tensor([[0, 0, 4, 1, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1]])
     result = lrpx.explain_tokens(lrp_model, ids, attention_mask=mask)
-    assert (result.relevance[0, :2] == 0).all()
+    assert (result.relevance[0, :2] == 0).all() and not torch.signbit(result.relevance[0, :2]).any()
     assert (result.embedding_relevance[0, :2] == 0).all()
     assert (result.relevance[0, 2:] != 0).all()
 
@@ -124,6 +124,20 @@ def test_errors_of_ids_and_model(bag):
         lrpx.explain_tokens(lrp_model, torch.tensor([[1.0, 2.0]]))
     with pytest.raises(TypeError, match="has no get_input_embeddings"):
         lrpx.explain_tokens(nn.Linear(2, 2), torch.tensor([[1, 2]]))
+
+    class Ignores(nn.Module):  # reads nothing of inputs_embeds
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(4, 2)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, inputs_embeds, attention_mask=None):
+            return torch.zeros(inputs_embeds.shape[0], 3)
+
+    with pytest.raises(ValueError, match="do not depend on inputs_embeds"):
+        lrpx.explain_tokens(Ignores(), torch.tensor([[1, 2]]))
 
 
 def test_explain_generated_follows_greedy_decoding():
