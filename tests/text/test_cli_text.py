@@ -139,7 +139,10 @@ def test_missing_model_folder(capsys, tmp_path):
     assert code == 2 and "cannot load model" in err
 
 
-@pytest.mark.xfail(reason="lrpx.convert has no rules for GPT-2's Conv1D layers, attention and GELU yet", strict=False)
-def test_saved_gpt2_converts(tiny_gpt2, capsys, tmp_path):
+def test_saved_gpt2_converts_or_names_what_is_missing(tiny_gpt2, capsys, tmp_path):
     code, _, err = run(capsys, "--model", tiny_gpt2, "--text", "the dog sat", "--out", tmp_path)
-    assert code == 0, err
+    if code != 0:  # today: convert has no rules for GPT-2's Conv1D layers and GELU
+        assert code == 2 and "lrpx cannot convert GPT2LMHeadModel yet; no LRP rule for: " in err and "Conv1D" in err
+        assert not (tmp_path / "relevance.json").exists()
+        pytest.xfail("lrpx.convert has no rules for GPT-2's Conv1D layers, attention and GELU yet")
+    assert json.loads((tmp_path / "relevance.json").read_text())["ids"] == [3, 9, 5]
