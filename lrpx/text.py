@@ -281,8 +281,9 @@ def _rows(logits: Tensor, position, shape: torch.Size) -> tuple[Tensor, Tensor |
     p = p.long().expand(batch) if p.dim() == 0 else p.long()
     if p.shape != (batch,):
         raise ValueError(f"position must be an int or {batch} ints (one per sequence), got {p.numel()}")
-    if bool(((p < -length) | (p >= length)).any()):
-        raise ValueError(f"position {p.tolist() if batch > 1 else int(p[0])} is beyond the sequence of {length} "
+    outside = (p < -length) | (p >= length)
+    if bool(outside.any()):
+        raise ValueError(f"position {int(p[outside][0])} is beyond the sequence of {length} "
                          f"tokens (valid: 0..{length - 1}, or -{length}..-1)")
     p = torch.where(p < 0, p + length, p)
     return logits.detach()[torch.arange(batch, device=logits.device), p], p
@@ -298,7 +299,8 @@ def _targets(target, rows: Tensor, what: str) -> Tensor:
     t = t.long().expand(batch) if t.dim() == 0 else t.long()
     if t.shape != (batch,):
         raise ValueError(f"target must be an int or {batch} ints (one per sequence), got {t.numel()}")
-    if bool(((t < 0) | (t >= size)).any()):
-        raise ValueError(f"target {t.tolist() if batch > 1 else int(t[0])} is outside the logits: the model has "
+    outside = (t < 0) | (t >= size)
+    if bool(outside.any()):
+        raise ValueError(f"target {int(t[outside][0])} is outside the logits: the model has "
                          f"{size} {what} (valid: 0..{size - 1})")
     return t

@@ -188,3 +188,45 @@ def test_left_padding_of_gpt2_is_invisible():
     alone = lrpx.explain_tokens(model, torch.tensor([[5, 6, 7]]), 3)
     torch.testing.assert_close(padded.score, alone.score)
     torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance)
+
+
+def test_explain_generated_of_left_padded_prompts():
+    # generate numbers the positions of left-padded prompts by their real tokens; explaining its
+    # tokens must see the same logits, so each generated token is the top one of its prefix
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(8)
+    # no end-of-sequence token: generate then takes the plain top token at every step
+    config = transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=1,
+                                     bos_token_id=0, eos_token_id=None, initializer_range=0.5)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.tensor([[1, 1, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    sequences = model.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert sequences.shape == (2, 7)
+    full_mask = torch.cat([mask, torch.ones(2, sequences.shape[1] - 4, dtype=mask.dtype)], dim=1)
+    for index in range(4, sequences.shape[1]):
+        result = lrpx.explain_generated(model, sequences, index, attention_mask=full_mask)
+        torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
+        assert (result.relevance[0, :2] == 0).all()
+
+
+def test_transformers_sequence_classifier():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(9)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=16, num_labels=3,
+                                     initializer_range=0.5)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.tensor([[2, 5, 7, 3, 0], [2, 9, 11, 12, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    result = lrpx.explain_tokens(model, ids, attention_mask=mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert result.position is None and result.relevance.shape == (2, 5)
+    assert torch.equal(result.target, logits.argmax(1))
+    torch.testing.assert_close(result.score, logits.max(1).values)
+    assert result.relevance[0, 4] == 0
+    with pytest.raises(ValueError, match="target 3 is outside the logits: the model has 3 classes"):
+        lrpx.explain_tokens(model, ids, 3, attention_mask=mask)
+    with pytest.raises(ValueError, match="token id 30 is outside the vocabulary of 30 ids"):
+        lrpx.explain_tokens(model, torch.tensor([[2, 30]]))
