@@ -9,7 +9,9 @@ from .composites import Composite
 from .convert import UnsupportedModuleError, convert, rule_table
 from .explain import Explanation, explain
 from . import concepts, methods, targets
+from .text import TokenExplanation, explain_generated, explain_tokens
 
 __version__ = "0.1.0"
 __all__ = ["convert", "explain", "Explanation", "Composite", "rule_table", "canonize", "fold_batchnorm",
-           "composites", "concepts", "eval", "layers", "methods", "rules", "targets", "TraceError", "UnsupportedModuleError"]
+           "explain_tokens", "explain_generated", "TokenExplanation", "composites", "concepts", "eval", "layers",
+           "methods", "rules", "targets", "TraceError", "UnsupportedModuleError"]

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .concepts import add_concepts
 
     add_concepts(subparsers)
+    from .text import add_text
+
+    add_text(subparsers)
     return parser
 
 

@@ -1,5 +1,5 @@
 """Faithfulness evaluation: pixel flipping, insertion and deletion, faithfulness correlation,
-randomization, sparseness, ground truth; fills; AUC / AOPC / SRG.
+randomization, sparseness, ground truth; fills; AUC / AOPC / SRG; token flipping of language models.
 
 >>> result = lrpx.eval.pixel_flipping(model, x, relevance, patch_size=8, schedule="quadratic",
 ...                                   order=("morf", "lrf"), fill="inpaint")
@@ -27,6 +27,7 @@ from .perturb import perturbed_inputs
 from .result import FlippingResult
 from .scores import SCORES, aopc, auc, mean_std, unit_step_auc
 from .dataset import MetricSettings, evaluate_dataset
+from .tokens import REPLACEMENTS, TokenFlippingResult, number_of_token_calls, token_flipping
 
 __all__ = [
     "evaluate_dataset",
@@ -67,4 +68,8 @@ __all__ = [
     "removal_order",
     "schedule_counts",
     "unit_step_auc",
+    "token_flipping",
+    "TokenFlippingResult",
+    "REPLACEMENTS",
+    "number_of_token_calls",
 ]

@@ -1,0 +1,306 @@
+"""Relevance of the input tokens of language models (causal LMs and sequence classifiers).
+
+A model explained here follows the interface of Hugging Face ``transformers`` models: it has
+``get_input_embeddings()`` (an ``nn.Embedding``), accepts ``inputs_embeds=`` and
+``attention_mask=`` keyword arguments, and returns its logits as ``output.logits`` (or a tensor):
+``(B, T, V)`` for a causal language model, ``(B, C)`` for a sequence classifier. The token ids
+are embedded outside the model; the relevance is the gradient of the converted model's logits
+with respect to these embeddings, with the explained logit's value as the initial relevance,
+summed over the hidden size.
+
+>>> lrp_model = lrpx.convert(model, lrpx.Composite())
+>>> relevance, logits = lrpx.explain_tokens(lrp_model, input_ids)        # the next token's top id
+>>> relevance, logits = lrpx.explain_generated(lrp_model, sequences, 12)  # the token generate wrote at 12
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .explain import _check_finite
+
+__all__ = ["explain_tokens", "explain_generated", "TokenExplanation", "model_logits", "input_embedding",
+           "padded_positions"]
+
+
+@dataclass(frozen=True)
+class TokenExplanation:
+    """What :func:`explain_tokens` returns; unpacks as ``relevance, logits = explain_tokens(...)``.
+
+    Attributes
+    ----------
+    relevance
+        ``(B, T)`` relevance of each input token: its embedding's relevance summed over the hidden
+        size; exactly zero where the attention mask is 0.
+    logits
+        The model's logits (detached): ``(B, T, V)`` for a causal LM, ``(B, C)`` for a classifier.
+    target
+        ``(B,)`` the token id (or class) explained.
+    score
+        ``(B,)`` the explained logit, ``logits[b, position[b], target[b]]`` (or ``logits[b, target[b]]``).
+    position
+        ``(B,)`` non-negative position whose logits are explained; ``None`` for a classifier.
+    embedding_relevance
+        ``(B, T, H)`` relevance of each embedding entry (zero at padded tokens).
+    """
+
+    relevance: Tensor
+    logits: Tensor
+    target: Tensor
+    score: Tensor
+    position: Tensor | None
+    embedding_relevance: Tensor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.relevance, self.logits))
+
+
+def explain_tokens(
+    lrp_model: nn.Module,
+    input_ids: Tensor,
+    target: int | Sequence[int] | Tensor | None = None,
+    *,
+    position: int | Sequence[int] | Tensor = -1,
+    attention_mask: Tensor | None = None,
+    embedding: nn.Module | None = None,
+) -> TokenExplanation:
+    """Relevance of each input token for one logit of a language model.
+
+    The ids are embedded with ``lrp_model.get_input_embeddings()`` outside the model; the model
+    runs on ``inputs_embeds=`` (and ``attention_mask=``), and the relevance is
+    ``torch.autograd.grad(logits, embeds, grad_outputs=R)`` with ``R`` zero except the explained
+    logit's own value at ``(b, position[b], target[b])``, summed over the hidden size.
+
+    Parameters
+    ----------
+    lrp_model
+        A model returned by :func:`lrpx.convert` with the Hugging Face interface (see the module's
+        docstring). An unconverted model gives the gradient times the logit instead.
+    input_ids
+        ``(B, T)`` (or ``(T,)``, one sequence) integer token ids.
+    target
+        Token id explained at ``position`` for a causal LM, or class for a classifier: an int
+        (every sequence), or ``(B,)`` ints; ``None`` takes each sequence's top logit.
+    position
+        Position (of ``T``) whose next-token logits are explained, an int or ``(B,)`` ints;
+        negative counts from the end (``-1``, the default, predicts the token after the input;
+        with left padding it is the last real token). Not used for ``(B, C)`` logits.
+    attention_mask
+        ``(B, T)`` 1 for real tokens, 0 for padding; passed to the model (with the positions
+        of :func:`padded_positions` when there is padding). Padded tokens get exactly zero relevance.
+    embedding
+        The input embedding (an ``nn.Embedding``) to use instead of
+        ``lrp_model.get_input_embeddings()``, e.g. the original model's.
+
+    Returns
+    -------
+    TokenExplanation
+        ``(relevance, logits)`` and the target, score, position and embedding relevance.
+    """
+    ids = _check_ids(input_ids)
+    mask = _check_mask(attention_mask, ids)
+    embedding = input_embedding(lrp_model) if embedding is None else _check_embedding(embedding)
+    _check_vocabulary(ids, embedding)
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, Tensor):  # the ids go where the embedding is
+        ids = ids.to(weight.device)
+        mask = None if mask is None else mask.to(weight.device)
+    with torch.enable_grad():
+        embeds = embedding(ids).detach().requires_grad_(True)
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds}
+        if mask is not None:
+            kwargs.update(attention_mask=mask, **padded_positions(lrp_model, mask))
+        logits = model_logits(lrp_model(**kwargs))
+        if not logits.requires_grad:
+            raise ValueError("the model's logits do not depend on inputs_embeds; its forward must use the "
+                             "inputs_embeds= it is given (and not run under torch.no_grad)")
+        rows, positions = _rows(logits, position, ids.shape)
+        classes = _targets(target, rows, "classes" if positions is None else "token ids")
+        r_out = torch.zeros_like(logits)
+        batch = torch.arange(ids.shape[0], device=logits.device)
+        index = (batch, classes) if positions is None else (batch, positions, classes)
+        score = logits.detach()[index]
+        r_out[index] = score
+        (relevance,) = torch.autograd.grad(logits, embeds, grad_outputs=r_out)
+    _check_finite(relevance)
+    if mask is not None:
+        relevance = relevance.masked_fill((mask == 0).unsqueeze(-1), 0.0)
+    return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance)
+
+
+def explain_generated(
+    lrp_model: nn.Module,
+    sequences: Tensor,
+    index: int,
+    *,
+    attention_mask: Tensor | None = None,
+    embedding: nn.Module | None = None,
+) -> TokenExplanation:
+    """Relevance of the tokens before ``sequences[:, index]`` for that token, as ``generate`` chose it.
+
+    ``model.generate`` returns the prompt followed by the generated tokens (``sequences``); the
+    token at ``index`` was predicted from ``sequences[:, :index]`` at its last position. This is
+    :func:`explain_tokens` on that prefix with ``target=sequences[:, index]`` and ``position=-1``.
+
+    Parameters
+    ----------
+    lrp_model
+        A converted causal language model.
+    sequences
+        ``(B, L)`` token ids: prompt and generated tokens (left-padded prompts in a batch).
+    index
+        Position in ``sequences`` of the generated token to explain, ``1 <= index < L``
+        (negative counts from the end).
+    attention_mask
+        ``(B, L)`` mask of ``sequences`` (the prompt's mask extended by ones); its first
+        ``index`` columns go to the model.
+    embedding
+        As in :func:`explain_tokens`.
+
+    Returns
+    -------
+    TokenExplanation
+        Relevance ``(B, index)`` of the prefix.
+    """
+    ids = _check_ids(sequences)
+    length = ids.shape[1]
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    at = index + length if index < 0 else index
+    if not 1 <= at < length:
+        raise ValueError(f"index {index} is outside the sequences of length {length}: the explained token needs "
+                         f"at least one token before it (valid: 1..{length - 1}, or -{length - 1}..-1)")
+    mask = _check_mask(attention_mask, ids)
+    prefix_mask = None if mask is None else mask[:, :at]
+    return explain_tokens(lrp_model, ids[:, :at], ids[:, at], position=-1, attention_mask=prefix_mask,
+                          embedding=embedding)
+
+
+def padded_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tensor]:
+    """``{"position_ids": ...}`` that count the real tokens only, as ``generate`` does, when the mask
+    has padding and ``model.forward`` takes ``position_ids``; else ``{}``.
+
+    Some models (GPT-2) number the positions from 0 at the first column whatever the mask says, so
+    a left-padded sequence would see its tokens at other positions than unpadded.
+    """
+    if bool((attention_mask == 1).all()):
+        return {}
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "position_ids" not in parameters:
+        return {}
+    return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    """``model.get_input_embeddings()``, checked to be an embedding with a vocabulary size."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if getter is None:
+        raise TypeError(f"{type(model).__name__} has no get_input_embeddings(): token relevance needs a model with "
+                        "the Hugging Face interface (get_input_embeddings, inputs_embeds=, attention_mask=)")
+    return _check_embedding(getter())
+
+
+def _check_embedding(embedding) -> nn.Module:
+    if not isinstance(embedding, nn.Module) or not hasattr(embedding, "num_embeddings"):
+        raise TypeError(f"the input embedding is a {type(embedding).__name__}; expected an nn.Embedding")
+    return embedding
+
+
+def model_logits(output) -> Tensor:
+    """The logits of a model's output: ``output.logits``, ``output["logits"]`` or the tensor itself."""
+    if isinstance(output, Tensor):
+        logits = output
+    elif isinstance(output, dict) and "logits" in output:
+        logits = output["logits"]
+    elif hasattr(output, "logits"):
+        logits = output.logits
+    else:
+        raise TypeError(f"the model returned {type(output).__name__} without logits; expected a tensor or an "
+                        "output with .logits")
+    if not isinstance(logits, Tensor) or logits.dim() not in (2, 3):
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"the model's logits have shape {shape}; expected (B, T, vocabulary) of a causal LM or "
+                         "(B, classes) of a sequence classifier")
+    return logits
+
+
+def _check_ids(input_ids) -> Tensor:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, tokens) with at least one "
+                         "sequence of at least one token")
+    return ids.long()
+
+
+def _check_mask(attention_mask, ids: Tensor) -> Tensor | None:
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    mask = attention_mask.unsqueeze(0) if attention_mask.dim() == 1 else attention_mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but input_ids has "
+                         f"{tuple(ids.shape)}; they must match")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    return mask.to(ids.device)
+
+
+def _check_vocabulary(ids: Tensor, embedding: nn.Module) -> None:
+    vocabulary = int(embedding.num_embeddings)
+    bad = (ids < 0) | (ids >= vocabulary)
+    if bool(bad.any()):
+        first = int(ids[bad][0])
+        raise ValueError(f"token id {first} is outside the vocabulary of {vocabulary} ids (valid: 0..{vocabulary - 1})")
+
+
+def _rows(logits: Tensor, position, shape: torch.Size) -> tuple[Tensor, Tensor | None]:
+    """The ``(B, V)`` logits explained and the ``(B,)`` positions (None for a classifier)."""
+    batch, length = shape
+    if logits.shape[0] != batch:
+        raise ValueError(f"the model returned logits for {logits.shape[0]} sequences, not {batch}")
+    if logits.dim() == 2:
+        return logits.detach(), None
+    if logits.shape[1] != length:
+        raise ValueError(f"the model returned logits at {logits.shape[1]} positions for {length} tokens")
+    p = torch.as_tensor(position, device=logits.device)
+    if p.is_floating_point() or p.dtype == torch.bool or p.dim() > 1:
+        raise TypeError(f"position must be an int or {batch} ints, got {position!r}")
+    p = p.long().expand(batch) if p.dim() == 0 else p.long()
+    if p.shape != (batch,):
+        raise ValueError(f"position must be an int or {batch} ints (one per sequence), got {p.numel()}")
+    outside = (p < -length) | (p >= length)
+    if bool(outside.any()):
+        raise ValueError(f"position {int(p[outside][0])} is beyond the sequence of {length} "
+                         f"tokens (valid: 0..{length - 1}, or -{length}..-1)")
+    p = torch.where(p < 0, p + length, p)
+    return logits.detach()[torch.arange(batch, device=logits.device), p], p
+
+
+def _targets(target, rows: Tensor, what: str) -> Tensor:
+    batch, size = rows.shape
+    if target is None:
+        return rows.argmax(1)
+    t = torch.as_tensor(target, device=rows.device)
+    if t.is_floating_point() or t.dtype == torch.bool or t.dim() > 1:
+        raise TypeError(f"target must be an int or {batch} ints, got {target!r}")
+    t = t.long().expand(batch) if t.dim() == 0 else t.long()
+    if t.shape != (batch,):
+        raise ValueError(f"target must be an int or {batch} ints (one per sequence), got {t.numel()}")
+    outside = (t < 0) | (t >= size)
+    if bool(outside.any()):
+        raise ValueError(f"target {int(t[outside][0])} is outside the logits: the model has "
+                         f"{size} {what} (valid: 0..{size - 1})")
+    return t

@@ -1,0 +1,232 @@
+"""lrpx.explain_tokens and lrpx.explain_generated against hand-computed relevance."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrpx
+from toy_lm import BagClassifier, BagLM, ToyLM, converted, greedy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bag():
+    torch.manual_seed(0)
+    model = BagLM().double().eval()
+    return model, converted(model)
+
+
+def bag_reference(model, ids, mask, target, position):
+    """Relevance of token s for logit k at position t: (W e_s)_k if s <= t and s is real, else 0."""
+    embeds = model.embed.weight.detach().numpy()[ids.numpy()]  # (B, T, H)
+    per_token = embeds @ model.head.weight.detach().numpy().T  # (B, T, V)
+    batch, length = ids.shape
+    out = np.zeros((batch, length))
+    for b in range(batch):
+        for s in range(length):
+            if s <= position[b] and mask[b, s] == 1:
+                out[b, s] = per_token[b, s, target[b]]
+    return out
+
+
+def test_bag_lm_relevance_is_each_tokens_share(bag):
+    model, lrp_model = bag
+    ids = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    result = lrpx.explain_tokens(lrp_model, ids, [7, 2], position=[-1, 2], attention_mask=mask)
+    expected = bag_reference(model, ids, mask.numpy(), [7, 2], [4, 2])
+    np.testing.assert_allclose(result.relevance.numpy(), expected, rtol=1e-4, atol=1e-9)
+    assert result.position.tolist() == [4, 2]
+    assert result.target.tolist() == [7, 2]
+    logits = result.logits
+    assert result.score.tolist() == [logits[0, 4, 7].item(), logits[1, 2, 2].item()]
+    # no bias: the relevance of the real tokens sums to the explained logit
+    np.testing.assert_allclose(result.relevance.sum(1).numpy(), result.score.numpy(), rtol=1e-4)
+    assert result.embedding_relevance.shape == (2, 5, 6)
+
+
+def test_padding_gets_exactly_zero(bag):
+    _, lrp_model = bag
+    ids = torch.tensor([[0, 0, 4, 1, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    result = lrpx.explain_tokens(lrp_model, ids, attention_mask=mask)
+    assert (result.relevance[0, :2] == 0).all() and not torch.signbit(result.relevance[0, :2]).any()
+    assert (result.embedding_relevance[0, :2] == 0).all()
+    assert (result.relevance[0, 2:] != 0).all()
+
+
+def test_default_target_is_top_id_and_unpacks(bag):
+    _, lrp_model = bag
+    ids = torch.tensor([2, 7, 1])  # one sequence without a batch dimension
+    relevance, logits = lrpx.explain_tokens(lrp_model, ids)
+    result = lrpx.explain_tokens(lrp_model, ids)
+    assert relevance.shape == (1, 3) and logits.shape == (1, 3, 13)
+    assert result.target.item() == int(np.argmax(logits[0, -1].numpy()))
+    assert result.score.item() == logits[0, -1].max().item()
+
+
+def test_sequence_classifier_relevance():
+    torch.manual_seed(1)
+    model = BagClassifier().double().eval()
+    lrp_model = converted(model)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    result = lrpx.explain_tokens(lrp_model, ids, 2, attention_mask=mask, position=99)  # position is not used
+    assert result.position is None and result.logits.shape == (2, 3)
+    per_token = model.embed.weight.detach().numpy()[ids.numpy()] @ model.head.weight.detach().numpy()[2]
+    np.testing.assert_allclose(result.relevance.numpy(), per_token * mask.numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_batch_independence():
+    torch.manual_seed(2)
+    lrp_model = converted(ToyLM().eval())
+    ids = torch.randint(0, 17, (3, 6))
+    together = lrpx.explain_tokens(lrp_model, ids, [1, 2, 3], position=[5, 3, -2])
+    for b, (t, p) in enumerate(zip([1, 2, 3], [5, 3, -2])):
+        alone = lrpx.explain_tokens(lrp_model, ids[b:b + 1], t, position=p)
+        torch.testing.assert_close(together.relevance[b:b + 1], alone.relevance)
+
+
+def test_lrp_differs_from_gradient_times_logit():
+    torch.manual_seed(3)
+    model = ToyLM().eval()
+    ids = torch.randint(0, 17, (1, 5))
+    lrp = lrpx.explain_tokens(converted(model), ids, 4).relevance
+    plain = lrpx.explain_tokens(model, ids, 4).relevance
+    assert not torch.allclose(lrp, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(position=5), "position 5 is beyond the sequence of 5 tokens"),
+    (dict(position=-6), "position -6 is beyond"),
+    (dict(target=13), "target 13 is outside the logits: the model has 13 token ids"),
+    (dict(target=-1), "outside the logits"),
+    (dict(target=1.5), "target must be an int"),
+    (dict(attention_mask=torch.ones(1, 4)), "attention_mask has shape (1, 4), but input_ids has (1, 5)"),
+    (dict(attention_mask=torch.full((1, 5), 2)), "only 0 (padding) and 1"),
+])
+def test_errors(bag, kwargs, message):
+    _, lrp_model = bag
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        lrpx.explain_tokens(lrp_model, torch.tensor([[1, 2, 3, 4, 5]]), **kwargs)
+
+
+def test_errors_of_ids_and_model(bag):
+    _, lrp_model = bag
+    with pytest.raises(ValueError, match=r"token id 20 is outside the vocabulary of 13 ids \(valid: 0..12\)"):
+        lrpx.explain_tokens(lrp_model, torch.tensor([[1, 20, 3]]))
+    with pytest.raises(ValueError, match="token id -2"):
+        lrpx.explain_tokens(lrp_model, torch.tensor([[1, -2, 3]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        lrpx.explain_tokens(lrp_model, torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(TypeError, match="has no get_input_embeddings"):
+        lrpx.explain_tokens(nn.Linear(2, 2), torch.tensor([[1, 2]]))
+
+    class Ignores(nn.Module):  # reads nothing of inputs_embeds
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(4, 2)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, inputs_embeds, attention_mask=None):
+            return torch.zeros(inputs_embeds.shape[0], 3)
+
+    with pytest.raises(ValueError, match="do not depend on inputs_embeds"):
+        lrpx.explain_tokens(Ignores(), torch.tensor([[1, 2]]))
+
+
+def test_explain_generated_follows_greedy_decoding():
+    torch.manual_seed(4)
+    model = ToyLM().eval()
+    lrp_model = converted(model)
+    prompt = torch.tensor([[3, 5, 7], [2, 2, 9]])
+    sequences = greedy(model, prompt, 4)
+    for index in (3, 5, -1):
+        result = lrpx.explain_generated(lrp_model, sequences, index)
+        at = index % sequences.shape[1]
+        assert torch.equal(result.target, sequences[:, at])
+        assert result.relevance.shape == (2, at)
+        # the generated token is the top logit of its prefix's last position
+        torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
+        direct = lrpx.explain_tokens(lrp_model, sequences[:, :at], sequences[:, at])
+        torch.testing.assert_close(result.relevance, direct.relevance)
+    with pytest.raises(ValueError, match="index 0 is outside"):
+        lrpx.explain_generated(lrp_model, sequences, 0)
+
+
+def test_explain_generated_with_transformers_generate():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    mask = torch.ones_like(prompt)
+    sequences = model.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    full_mask = torch.ones_like(sequences)
+    # convert refuses GPT-2 today (Conv1D has no twin): the plain model gives gradient x logit,
+    # which is enough for the bookkeeping of positions and targets checked here
+    result = lrpx.explain_generated(model, sequences, 4, attention_mask=full_mask)
+    assert torch.equal(result.target, sequences[:, 4])
+    torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
+    assert result.relevance.shape == (2, 4) and result.logits.shape == (2, 4, 24)
+
+
+def test_left_padding_of_gpt2_is_invisible():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    config = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=0,
+                                     bos_token_id=0, eos_token_id=0, initializer_range=0.5)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    padded = lrpx.explain_tokens(model, torch.tensor([[0, 0, 5, 6, 7]]), 3,
+                                 attention_mask=torch.tensor([[0, 0, 1, 1, 1]]))
+    alone = lrpx.explain_tokens(model, torch.tensor([[5, 6, 7]]), 3)
+    torch.testing.assert_close(padded.score, alone.score)
+    torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance)
+
+
+def test_explain_generated_of_left_padded_prompts():
+    # generate numbers the positions of left-padded prompts by their real tokens; explaining its
+    # tokens must see the same logits, so each generated token is the top one of its prefix
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(8)
+    # no end-of-sequence token: generate then takes the plain top token at every step
+    config = transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=1,
+                                     bos_token_id=0, eos_token_id=None, initializer_range=0.5)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.tensor([[1, 1, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    sequences = model.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert sequences.shape == (2, 7)
+    full_mask = torch.cat([mask, torch.ones(2, sequences.shape[1] - 4, dtype=mask.dtype)], dim=1)
+    for index in range(4, sequences.shape[1]):
+        result = lrpx.explain_generated(model, sequences, index, attention_mask=full_mask)
+        torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
+        assert (result.relevance[0, :2] == 0).all()
+
+
+def test_transformers_sequence_classifier():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(9)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=16, num_labels=3,
+                                     initializer_range=0.5)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.tensor([[2, 5, 7, 3, 0], [2, 9, 11, 12, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    result = lrpx.explain_tokens(model, ids, attention_mask=mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert result.position is None and result.relevance.shape == (2, 5)
+    assert torch.equal(result.target, logits.argmax(1))
+    torch.testing.assert_close(result.score, logits.max(1).values)
+    assert result.relevance[0, 4] == 0
+    with pytest.raises(ValueError, match="target 3 is outside the logits: the model has 3 classes"):
+        lrpx.explain_tokens(model, ids, 3, attention_mask=mask)
+    with pytest.raises(ValueError, match="token id 30 is outside the vocabulary of 30 ids"):
+        lrpx.explain_tokens(model, torch.tensor([[2, 30]]))

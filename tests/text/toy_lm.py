@@ -1,0 +1,118 @@
+"""Tiny language models with the Hugging Face interface that ``lrpx.convert`` handles today.
+
+``get_input_embeddings()`` is a plain ``nn.Embedding`` (kept as it is by ``convert(...,
+twins={nn.Embedding: None})``); ``forward`` accepts ``input_ids=`` or ``inputs_embeds=`` and
+``attention_mask=`` and returns an object with ``.logits``. Their forward builds tensors from the
+input's sizes and dtype, which ``torch.fx`` does not trace, so ``convert`` gives them run-time rules
+and they keep their methods (a traced model is rebuilt as a ``GraphModule`` and loses
+``get_input_embeddings`` today).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import lrpx
+
+
+@dataclass
+class Output:
+    logits: Tensor
+
+
+def causal_weights(mask: Tensor | None, length: int, batch: int, dtype) -> Tensor:
+    """``(B, T, S)`` 1 where token ``s <= t`` is a real token (a causal bag of tokens)."""
+    weights = torch.tril(torch.ones(length, length, dtype=dtype)).expand(batch, length, length)
+    if mask is not None:
+        weights = weights * mask[:, None, :].to(dtype)
+    return weights
+
+
+class BagLM(nn.Module):
+    """``logits[b, t] = sum_{s <= t, mask[s] = 1} W e[b, s]``: a causal bag of tokens, no bias.
+
+    The sum over tokens is a reduction (``sum``), so LRP splits each logit over the tokens by
+    their share ``(W e_s)_k``, and the Epsilon rule on the bias-free head splits it further over
+    the hidden units: the relevance of token ``s`` is exactly ``(W e_s)_k`` for the explained id ``k``.
+    """
+
+    def __init__(self, vocabulary: int = 13, hidden: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, hidden)
+        self.head = nn.Linear(hidden, vocabulary, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        batch, length, _ = inputs_embeds.shape
+        per_token = self.head(inputs_embeds)  # (B, S, V)
+        weights = causal_weights(attention_mask, length, batch, per_token.dtype)
+        return Output((weights.unsqueeze(-1) * per_token.unsqueeze(1)).sum(2))
+
+
+class ToyLM(nn.Module):
+    """Linear, ReLU, causal averaging, LayerNorm and an LM head: a small nonlinear causal LM."""
+
+    def __init__(self, vocabulary: int = 17, hidden: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, hidden)
+        self.fc = nn.Linear(hidden, hidden)
+        self.act = nn.ReLU()
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocabulary)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        batch, length, _ = inputs_embeds.shape
+        h = self.act(self.fc(inputs_embeds))
+        weights = causal_weights(attention_mask, length, batch, h.dtype)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+        return Output(self.head(self.norm(weights @ h)))
+
+
+class BagClassifier(nn.Module):
+    """``logits[b] = sum_{s, mask[s] = 1} W e[b, s]``: a bag-of-tokens sequence classifier; returns
+    ``{"logits": ...}``."""
+
+    def __init__(self, vocabulary: int = 13, hidden: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, hidden)
+        self.head = nn.Linear(hidden, classes, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        batch, length, _ = inputs_embeds.shape
+        per_token = self.head(inputs_embeds)
+        weights = torch.ones(batch, length, dtype=per_token.dtype)
+        if attention_mask is not None:
+            weights = weights * attention_mask.to(per_token.dtype)
+        per_token = per_token * weights.unsqueeze(-1)
+        return {"logits": per_token.sum(1)}
+
+
+def converted(model: nn.Module) -> nn.Module:
+    """``lrpx.convert`` with the embedding kept as it is (it runs outside the explained part)."""
+    return lrpx.convert(model, lrpx.Composite(), twins={nn.Embedding: None})
+
+
+def greedy(model: nn.Module, prompt: Tensor, new_tokens: int) -> Tensor:
+    """Greedy decoding by hand: append the top next-token id ``new_tokens`` times."""
+    sequences = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=sequences).logits
+            sequences = torch.cat([sequences, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return sequences
