@@ -270,7 +270,8 @@ def _absorbs(module: nn.Module, node: fx.Node, kinds: dict[fx.Node, str]) -> boo
     attention masks give it its share of relevance as they give a bias, a submodule takes it
     as an input (CaiT's class token), and joined to the activations it is one of them."""
     for user in node.users:
-        if user.op == "call_module" or (user.op == "call_function" and user.target in _JOINS):
+        if user.op == "call_module" or (user.op == "call_function" and user.target in _JOINS) or \
+                kinds.get(user) == "meta":  # a size read off it
             continue
         if user.op in ("call_method", "call_function") and kinds.get(user) == "constant" and \
                 _absorbs(module, user, kinds):

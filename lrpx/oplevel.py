@@ -12,8 +12,8 @@ no relevance of the input, although they require grad: they are constants to the
   the weighted and normalisation rules; ``F.normalize``: relevance passes (the norm is read as
   a constant, as the normalisation rule reads it);
 * ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` / ``torch.einsum`` of two such values,
-  ``F.scaled_dot_product_attention``:
-  the bilinear rule (and the softmax rule inside attention);
+  ``F.scaled_dot_product_attention``: the bilinear rule (and the softmax rule inside
+  attention); ``a @ w`` with a factor computed from parameters: the weighted rule;
 * ``softmax``: the softmax rule; ``a + b`` and ``a - b``: the sum rule (a number or a constant
   tensor takes its share like a bias); ``mean``/``sum`` over dimensions: the sum rule;
 * ``x += y`` (``add_``, and likewise ``-=``, ``*=``, ``/=`` and in-place activations) out of
@@ -44,7 +44,8 @@ from torch.overrides import TorchFunctionMode
 from .core import lrp_apply
 from .layers.attention import ScaledDotProductAttention, lrp_softmax
 from .routing import ROUTING_FUNCTIONS, ROUTING_METHODS
-from .ops import ConvOps, ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SumOps
+from .ops import (ConvOps, ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SumOps,
+                  WeightMatmulOps)
 from .rules.base import Rule
 from .rules.elementwise import Pass
 
@@ -145,8 +146,14 @@ class OpRules(TorchFunctionMode):
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # never in place on a saved output
         if kwargs and func not in _SOFTMAX and func not in _REDUCE:
             return NotImplemented
-        if func in _MATMULS and len(args) == 2 and all(self._carries(a) for a in args) and min(a.dim() for a in args) >= 2:
-            return lrp_apply(MatmulOps(), rules["bilinear"], tuple(args))
+        if func in _MATMULS and len(args) == 2 and all(isinstance(a, Tensor) for a in args) and \
+                min(a.dim() for a in args) >= 2:
+            carried = [self._carries(a) for a in args]
+            if all(carried):
+                return lrp_apply(MatmulOps(), rules["bilinear"], tuple(args))
+            weight_first = not carried[0]  # a factor computed from parameters: a linear map
+            x, w = (args[1], args[0]) if weight_first else args
+            return lrp_apply(WeightMatmulOps(weight_first), rules["weighted"], x, w.detach(), None)
         if func is torch.einsum and len(args) in (2, 3) and isinstance(args[0], str):
             operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
             if len(operands) == 2 and all(self._carries(a) for a in operands):

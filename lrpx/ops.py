@@ -299,6 +299,30 @@ class MatmulOps:
 
 
 @dataclass(frozen=True)
+class WeightMatmulOps:
+    """``input @ weight`` (or ``weight @ input`` with ``weight_first``) with a ``weight`` that is
+    not computed from the input: a linear map, for the weighted rules; VJP ``s @ weight^T``
+    (``weight^T @ s``), summed to the input's shape over broadcast dimensions."""
+
+    kind: ClassVar[str] = "weighted"
+    weight_first: bool = False
+    input_nonnegative: bool = False
+
+    @property
+    def channel_axis(self) -> int:
+        return -2 if self.weight_first else -1
+
+    def forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        out = torch.matmul(weight, input) if self.weight_first else torch.matmul(input, weight)
+        return out if bias is None else out + bias
+
+    def vjp(self, s: Tensor, weight: Tensor, input: Tensor | torch.Size) -> Tensor:
+        g = torch.matmul(weight.mT, s) if self.weight_first else torch.matmul(s, weight.mT)
+        shape = _shape(input)
+        return g if g.shape == shape else g.sum_to_size(shape)
+
+
+@dataclass(frozen=True)
 class ProductOps:
     """``a * b`` (or ``a / b`` with ``divide``) of two tensors of the ``shapes`` of this call;
     ``signal`` is the operand that carries the signal (``0`` or ``1``: the other is a gate or a

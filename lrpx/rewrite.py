@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .graph import OUTPUT_KINDS, ModelGraph
 from .calls import layer_from_call
-from .layers import Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum
+from .layers import (Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum,
+                     WeightMatmul)
 
 __all__ = ["rewrite_functional", "RESHAPES", "tags"]
 
@@ -120,6 +121,10 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
             new = _rewrite_product(module, graph, node, kinds)
         elif _is_matmul(node) and all(isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args):
             new = _replace(module, graph, node, Matmul(), tuple(node.args))
+        elif _is_matmul(node) and all(isinstance(a, fx.Node) for a in node.args) and \
+                sorted(kinds[a] for a in node.args) == ["constant", "input"]:
+            weight_first = kinds[node.args[0]] == "constant"
+            new = _replace(module, graph, node, WeightMatmul(weight_first=weight_first), tuple(node.args))
         elif _einsum_factors(node, kinds):
             new = _replace(module, graph, node, Matmul(equation=node.args[0]), _einsum_factors(node, kinds))
         elif _is_add(node) and all(_is_number(a) or isinstance(a, fx.Node) and kinds[a] != "meta" for a in node.args) \

@@ -614,3 +614,37 @@ def test_sizes_a_child_returns_beside_its_output_are_sizes():
     torch.testing.assert_close(out, z)
     expected = (tokens * R / stab(z, 1e-6)).transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(rel, expected, rtol=1e-12, atol=1e-12)
+
+
+class Mix(nn.Module):
+    """Tokens mixed by a fixed matrix from the left and projected by a parameter from the
+    right; ``branch`` makes the forward take its rules at run time."""
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.branch = branch
+        self.register_buffer("mix", torch.randn(3, 3, generator=g, dtype=DT))
+        self.proj = nn.Parameter(torch.randn(4, 2, generator=g, dtype=DT))
+
+    def forward(self, x):
+        if self.branch and x.sum() < -1e9:
+            x = -x
+        return (self.mix @ x) @ self.proj
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["traced", "run-time"])
+def test_products_with_a_factor_from_parameters_take_the_weighted_rule(branch):
+    model = Mix(branch).eval()
+    lrp = lrpx.convert(nn.Sequential(model))
+    assert bool(lrp.lrpx_graph.oplevel) is branch
+    g = torch.Generator().manual_seed(5)
+    x, R = torch.randn(2, 3, 4, generator=g, dtype=DT), torch.randn(2, 3, 2, generator=g, dtype=DT)
+    rel, out = relevance(lrp, x, R)
+    h = model.mix @ x
+    z = h @ model.proj
+    R_h = h * ((R / stab(z, 1e-6)) @ model.proj.T)  # epsilon on the linear map h -> h @ proj
+    expected = x * (model.mix.T @ (R_h / stab(h, 1e-6)))  # and on x -> mix @ x
+    torch.testing.assert_close(out, z)
+    torch.testing.assert_close(rel, expected, rtol=1e-12, atol=1e-12)
+    assert lrp[0].proj.grad is None

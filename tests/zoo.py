@@ -70,7 +70,17 @@ def stab(z, e):
     return z + e * sign0(z)
 
 
+class _MatmulStandIn(nn.Module):
+    """``x @ weight`` (``weight @ x`` with ``weight_first``), for :func:`absorbed`."""
+
+    def __init__(self, weight, weight_first: bool, rule):
+        super().__init__()
+        self.weight, self.bias, self.weight_first, self.rule = weight.detach(), None, weight_first, rule
+
+
 def _layer_forward(m: nn.Module, x, w, b):
+    if isinstance(m, _MatmulStandIn):
+        return (w @ x if m.weight_first else x @ w) + (0 if b is None else b)
     if isinstance(m, nn.Linear):
         return F.linear(x, w, b)
     if isinstance(m, nn.ConvTranspose2d):
@@ -241,6 +251,8 @@ def _op_absorbed(c: dict, R: torch.Tensor) -> torch.Tensor:
         return R.sum() - r_a.sum() - r_b.sum()
     if isinstance(rule, (lrpx.rules.Pass, lrpx.rules.Uniform)):  # a product: R_a + R_b = R
         return torch.zeros((), dtype=R.dtype)
+    if isinstance(ops, lrpx.ops.WeightMatmulOps):
+        return absorbed(_MatmulStandIn(c["weight"], ops.weight_first, rule), inputs[0], z, R)
     if isinstance(ops, (lrpx.ops.LinearOps, lrpx.ops.ConvOps)):
         m = _stand_in(ops, c["weight"], c["bias"])
         m.rule = rule
@@ -348,6 +360,9 @@ class Recorder:
             elif isinstance(m, lrpx.layers.Matmul):
                 r_a, r_b = _matmul_parts(*c["inputs"][:2], R, m.rule.epsilon, m.equation)
                 total = total + R.sum() - r_a.sum() - r_b.sum()
+            elif isinstance(m, lrpx.layers.WeightMatmul):
+                x, w = c["inputs"][::-1] if m.weight_first else c["inputs"]
+                total = total + absorbed(_MatmulStandIn(w, m.weight_first, m.rule), x, c["output"], R)
             elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
                 total = total + _norm_absorbed(m, c["inputs"][0].detach(), c["output"], R)
             elif isinstance(m, Add):  # what the operands that pass it on (not constants) do not get

@@ -18,14 +18,14 @@ from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, 
 from .attention import ATTENTION_TWINS, ScaledDotProductAttention
 from .base import Twin, copy_hooks, has_hooks
 from .detection import DETECTION_KEPT, DETECTION_TWINS
-from .merge import Add, Matmul, Normalize, Product
+from .merge import Add, Matmul, Normalize, Product, WeightMatmul
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
                       LRPAdaptiveAvgPool3d, LRPAvgPool1d, LRPAvgPool2d, LRPAvgPool3d, Mean, Sum)
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Sum", "Product", "Matmul", "Normalize", "ScaledDotProductAttention", "Interpolate",
+__all__ = ["Twin", "Add", "Mean", "Sum", "Product", "Matmul", "WeightMatmul", "Normalize", "ScaledDotProductAttention", "Interpolate",
            "FusedReLU", "twin", "default_twins", "registry", "kind_of", "inherited", "batchnorm_affine",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
            "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
@@ -76,6 +76,7 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     Sum: Sum,
     Product: Product,
     Matmul: Matmul,
+    WeightMatmul: WeightMatmul,
     Normalize: Normalize,
     **UPSAMPLE_TWINS,
     **ACTIVATION_TWINS,

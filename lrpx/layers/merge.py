@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import lrp_apply
-from ..ops import ElementwiseOps, MatmulOps, ProductOps, SumOps
+from ..ops import ElementwiseOps, MatmulOps, ProductOps, SumOps, WeightMatmulOps
 from ..rules.base import Rule
 from ..rules.attention import Uniform
+from ..rules.linear import Epsilon
 from ..rules.elementwise import Norm, Pass
 from .base import Twin
 
@@ -142,6 +143,33 @@ class Matmul(_OwnLayer):
 
     def extra_repr(self) -> str:
         return (f"equation={self.equation!r}, " if self.equation else "") + f"rule={self.rule!r}"
+
+
+class WeightMatmul(_OwnLayer):
+    r"""``x @ w`` (or ``w @ x`` with ``weight_first``) in forward code with a factor ``w``
+    computed from parameters and constants alone (a relative position table, a fixed mixing
+    matrix): the linear map with weight ``w``, under a weighted rule (the composite's default:
+    ``Epsilon``), as ``F.linear`` would be."""
+
+    lrp_kind = "weighted"
+
+    def __init__(self, rule: Rule | None = None, weight_first: bool = False) -> None:
+        super().__init__(Epsilon() if rule is None else rule)
+        self.weight_first = weight_first
+        self._ops = WeightMatmulOps(weight_first)
+
+    @classmethod
+    def from_module(cls, module: "WeightMatmul", rule: Rule) -> "WeightMatmul":
+        return cls(rule, module.weight_first)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        x, w = (b, a) if self.weight_first else (a, b)
+        if x.dim() < 2 or w.dim() < 2:
+            return a @ b  # a vector product: its gradient (no rule for this case)
+        return lrp_apply(self._ops, self.rule, x, w.detach(), None)
+
+    def extra_repr(self) -> str:
+        return ("weight first, " if self.weight_first else "") + f"rule={self.rule!r}"
 
 
 class Normalize(_OwnLayer):
