@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -110,10 +111,15 @@ class FlippingResult:
         return pixel_mask(rank, count, patch_size=self.patch_size, size=self.size)
 
     def _row(self, order: str | None) -> int:
-        if order is None:
-            if len(self.orders) != 1:
-                raise ValueError(f"order must be given: this result holds {self.orders}")
-            return 0
-        if order not in self.orders:
-            raise ValueError(f"order {order!r} was not evaluated; this result holds {self.orders}")
-        return self.orders.index(order)
+        return order_row(self.orders, order)
+
+
+def order_row(orders: Sequence[str], order: str | None) -> int:
+    """The row of ``order`` among the evaluated ``orders`` (the only one when ``None``)."""
+    if order is None:
+        if len(orders) != 1:
+            raise ValueError(f"order must be given: this result holds {list(orders)}")
+        return 0
+    if order not in orders:
+        raise ValueError(f"order {order!r} was not evaluated; this result holds {list(orders)}")
+    return list(orders).index(order)

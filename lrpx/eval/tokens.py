@@ -21,6 +21,7 @@ from ..text import _check_ids, _check_mask, model_logits, padded_positions
 from . import scores as _scores
 from .flipping import warn_if_training
 from .order import ORDERS
+from .result import order_row
 
 __all__ = ["token_flipping", "TokenFlippingResult", "REPLACEMENTS", "number_of_token_calls", "perturb"]
 
@@ -93,13 +94,7 @@ class TokenFlippingResult:
         return table
 
     def _row(self, order: str | None) -> int:
-        if order is None:
-            if len(self.orders) != 1:
-                raise ValueError(f"order must be given: this result holds {self.orders}")
-            return 0
-        if order not in self.orders:
-            raise ValueError(f"order {order!r} was not evaluated; this result holds {self.orders}")
-        return self.orders.index(order)
+        return order_row(self.orders, order)
 
 
 def token_flipping(
