@@ -213,9 +213,11 @@ def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
         if name in graph.untraced:
             bad.append((name, cls))
             reasons.append(f"'{name}': its forward cannot be traced ({graph.untraced[name].splitlines()[0]})")
-    for name, g in graph.items():
+    for name, g in list(graph.items()):
         ops = unrouted(g, _sizes(graph, name))
-        if ops:
+        if ops and _called_at_run_time(graph, name):
+            _to_run_time(graph, name, ops)
+        elif ops:
             bad.append((name, graph.classes.get(name, nn.Module)))
             reasons.append(f"'{name or '<root>'}': its forward applies {', '.join(sorted(set(ops)))} to values "
                            "computed from the input, which take no LRP rule")
@@ -224,6 +226,23 @@ def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
     bad, reasons = [bad[i] for i in ranked], [reasons[i] for i in ranked]
     if bad:
         raise UnsupportedModuleError(bad, reasons)
+
+
+def _called_at_run_time(graph: ModelGraph, name: str) -> bool:
+    """Whether module ``name`` is called only by forward code that takes its rules at run time
+    (its parent's forward could not be traced): what it is given is known only then."""
+    parent = name.rpartition(".")[0]
+    return bool(name) and name not in graph.sites and parent in graph.oplevel
+
+
+def _to_run_time(graph: ModelGraph, name: str, ops: list[str]) -> None:
+    """Let module ``name`` keep its own forward with rules at run time: there, operations on
+    values that carry no relevance (``cos`` of positions in a rotary embedding) run as they
+    are, and the others take their rules (:mod:`lrpx.oplevel`)."""
+    del graph.graphs[name]
+    graph.changed.discard(name)
+    graph.oplevel[name] = (f"'{name}' ({graph.classes[name].__qualname__}) applies {', '.join(sorted(set(ops)))}, "
+                           "which take no rule, to its arguments: judged at run time, where they are known")
 
 
 def _check_parameters(model: nn.Module, twins: dict, graph: ModelGraph) -> None:

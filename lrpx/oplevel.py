@@ -14,6 +14,8 @@ its LRP rule, by the kind of operation:
 * ``x += y`` (``add_``, and likewise ``-=``, ``*=``, ``/=`` and in-place activations) out of
   place with its rule: the result is what ``x`` is bound to, and no output a rule saved is
   changed (a bare ``x.add_(y)`` whose result is dropped would not change ``x``);
+* ``rsqrt``, ``sqrt``, ``norm``, ``var``, ... of such a value: a statistic, computed from the
+  detached value (:mod:`lrpx.statistics`), so that a product with it passes relevance;
 * ``a * b``: the product rule, all relevance to the one operand that carries relevance, half to
   each of two (a gate is not told apart from a signal here, unlike in traced code);
   ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule.
@@ -35,9 +37,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .core import lrp_apply
-from .ops import ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SumOps
+from .ops import ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SoftmaxOps, SumOps
 from .rules.base import Rule
 from .rules.elementwise import Pass
+from .statistics import held_root
 
 __all__ = ["OpRules"]
 
@@ -96,6 +99,9 @@ class OpRules(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             from .layers.attention import ScaledDotProductAttention
             return ScaledDotProductAttention(rules["bilinear"])(*args, **kwargs)
+        statistic = held_root(func, args, kwargs)  # rsqrt(mean(x ** 2) + eps) and the like: constants
+        if statistic is not NotImplemented:
+            return statistic
         if func in _ACTIVATIONS and kwargs.get("inplace"):
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # never in place on a saved output
         if kwargs and func not in _SOFTMAX and func not in _REDUCE:
@@ -104,10 +110,11 @@ class OpRules(TorchFunctionMode):
             return lrp_apply(MatmulOps(), rules["bilinear"], tuple(args))
         if func in _SOFTMAX:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if dim is None or kwargs.get("dtype") is not None:
+            at = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype)
+            dtype = kwargs.get("dtype", args[at] if len(args) > at else None)
+            if dim is None or set(kwargs) - {"dim", "dtype", "_stacklevel"}:
                 return NotImplemented
-            from .layers.attention import lrp_softmax
-            return lrp_softmax(args[0], dim, rules["softmax"])
+            return lrp_apply(SoftmaxOps(dim, dtype), rules["softmax"], args[0])
         if func in _REDUCE and isinstance(args[0], Tensor) and set(kwargs) <= {"dim", "keepdim"}:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)

@@ -268,13 +268,18 @@ class GroupNormOps:
 
 @dataclass(frozen=True)
 class SoftmaxOps:
-    """``torch.softmax(input, dim)``."""
+    """``torch.softmax(input, dim)``; with ``dtype``, computed in that dtype (``softmax(x, dim,
+    dtype=torch.float32)``) and returned in the wider of it and the input's dtype, so that the
+    rule works in at least the precision of both."""
 
     dim: int
+    dtype: torch.dtype | None = None
     kind: ClassVar[str] = "softmax"
 
     def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
-        return torch.softmax(input, self.dim)
+        if self.dtype is None:
+            return torch.softmax(input, self.dim)
+        return torch.softmax(input, self.dim, dtype=self.dtype).to(torch.promote_types(input.dtype, self.dtype))
 
 
 @dataclass(frozen=True)

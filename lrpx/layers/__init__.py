@@ -18,6 +18,7 @@ from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, 
 from .attention import ATTENTION_TWINS, ScaledDotProductAttention
 from .base import Twin, copy_hooks, has_hooks
 from .detection import DETECTION_KEPT, DETECTION_TWINS
+from .embedding import LRPEmbedding
 from .merge import Add, Matmul, Normalize, Product
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
@@ -59,6 +60,7 @@ KEPT = SIGN_KEEPING + _CONSTANT_PADS
 
 _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     nn.Linear: LRPLinear,
+    nn.Embedding: LRPEmbedding,
     nn.Conv1d: LRPConv1d,
     nn.Conv2d: LRPConv2d,
     nn.Conv3d: LRPConv3d,
