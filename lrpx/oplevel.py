@@ -6,7 +6,7 @@ such a module an :class:`OpRules` mode: while its forward runs, each functional 
 values that carry relevance (tensors that require grad) is replaced by the same operation with
 its LRP rule, by the kind of operation:
 
-* ``F.linear`` with a weight, ``F.layer_norm``: the weighted and normalisation rules;
+* ``F.linear`` with a weight, ``torch.addmm(b, x, w)`` (``x @ w + b``), ``F.layer_norm``: the weighted and normalisation rules;
 * ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` of two such values, ``F.scaled_dot_product_attention``:
   the bilinear rule (and the softmax rule inside attention);
 * ``softmax``: the softmax rule; ``a + b`` and ``a - b``: the sum rule (a number or a constant
@@ -90,6 +90,8 @@ class OpRules(TorchFunctionMode):
                     (isinstance(weight, nn.Parameter) or isinstance(weight, Tensor) and not weight.requires_grad):
                 return lrp_apply(LinearOps(), rules["weighted"], x, weight, bias)
             return NotImplemented
+        if func is torch.addmm and len(args) == 3 and not kwargs and _carries(args[1]) and not _carries(args[2]):
+            return lrp_apply(LinearOps(), rules["weighted"], args[1], args[2].t(), args[0])  # x @ w + b
         if func is F.layer_norm:
             bound = _bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
             if "normalized_shape" not in bound:

@@ -26,6 +26,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["held", "hold_statistics", "hold_all", "held_root", "ROOTS", "is_root"]
@@ -84,13 +85,35 @@ def _statistic(graph: fx.Graph, root: fx.Node, kinds: dict[fx.Node, str]) -> set
 
 
 def hold_all(model_graph) -> None:
-    """:func:`hold_statistics` on every graph of a :class:`lrpx.graph.ModelGraph` (the edited
-    modules are marked ``changed``)."""
+    """:func:`hold_statistics` on every graph of a :class:`lrpx.graph.ModelGraph`, and
+    ``torch.addmm(b, x, w)`` of an activation ``x`` and constants as ``F.linear(x, w.t(), b)``
+    (Hugging Face's ``Conv1D``), which the rewrite then makes a linear layer; the edited
+    modules are marked ``changed``."""
     from .rewrite import tags
 
     for name, graph in model_graph.items():
-        if hold_statistics(graph, tags(graph)):
+        kinds = tags(graph)
+        if _addmm_as_linear(graph, kinds) | hold_statistics(graph, kinds):
             model_graph.changed.add(name)
+
+
+def _addmm_as_linear(graph: fx.Graph, kinds: dict[fx.Node, str]) -> bool:
+    changed = False
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3
+                and not node.kwargs):
+            continue
+        bias, x, weight = node.args
+        if kinds.get(x) != "input" or any(isinstance(v, fx.Node) and kinds.get(v) != "constant" for v in (bias, weight)):
+            continue
+        with graph.inserting_before(node):
+            transposed = graph.call_method("t", (weight,))
+            linear = graph.call_function(F.linear, (x, transposed, bias))
+        kinds[transposed], kinds[linear] = "constant", "input"
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        changed = True
+    return changed
 
 
 def held_root(func, args: tuple, kwargs: dict):

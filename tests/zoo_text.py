@@ -173,8 +173,10 @@ def absorbed(c: dict) -> torch.Tensor:
         return R.sum() - (R * share).sum()
     if isinstance(layer, ops.ElementwiseOps):
         return R.sum() * 0
-    if isinstance(layer, ops.LinearOps):
+    if isinstance(layer, (ops.LinearOps, ops.ConvOps)) and isinstance(rule, lrpx.rules.Epsilon):
         b = 0 if c["bias"] is None else c["bias"].double()
+        if isinstance(layer, ops.ConvOps) and c["bias"] is not None:
+            b = b.view(1, -1, *([1] * (z.dim() - 2)))
         return R.sum() - (R * (z - b) / stab(z, rule.epsilon)).sum()
     if isinstance(layer, ops.SumOps):
         share = R / stab(z, rule.epsilon)

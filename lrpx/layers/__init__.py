@@ -19,6 +19,7 @@ from .attention import ATTENTION_TWINS, ScaledDotProductAttention
 from .base import Twin, copy_hooks, has_hooks
 from .detection import DETECTION_KEPT, DETECTION_TWINS
 from .embedding import LRPEmbedding
+from .external import external_twins
 from .merge import Add, Matmul, Normalize, Product
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
@@ -105,6 +106,8 @@ def registry(twins: dict[type[nn.Module], type[nn.Module] | None] | None = None,
     kind of layer and can be built ``from_module``), and, given a ``model``, with the subclasses
     it uses that compute what a registered class computes (see :func:`inherited`)."""
     merged = default_twins()
+    if model is not None:  # element-wise activations of other libraries (lrpx.layers.external)
+        merged.update(external_twins(model))
     for cls, twin_cls in (twins or {}).items():
         if twin_cls is not None and (not isinstance(twin_cls, type) or not issubclass(twin_cls, Twin)):
             raise TypeError(f"twins[{cls.__name__}] must be a subclass of lrpx.layers.Twin (or None to keep the "
