@@ -84,7 +84,8 @@ def families() -> dict:
         "qwen3": (_decoder(t.Qwen3Config, head_dim=8), "causal", both),
         "qwen3_moe": (_decoder(t.Qwen3MoeConfig, head_dim=8, moe_intermediate_size=32, num_experts=4,
                                num_experts_per_tok=2, decoder_sparse_step=1), "causal", both),
-        "gemma2": (_decoder(t.Gemma2Config, head_dim=8, sliding_window=16), "causal", both),
+        # transformers refuses sdpa for Gemma 2 itself
+        "gemma2": (_decoder(t.Gemma2Config, head_dim=8, sliding_window=16), "causal", ("eager",)),
         "gemma3": (_decoder(t.Gemma3TextConfig, head_dim=8, sliding_window=16), "causal", both),
         "phi3": (_decoder(t.Phi3Config), "causal", both),
         "gpt2": (_gpt2, "causal", both),
@@ -207,11 +208,26 @@ def absorbed(c: dict) -> torch.Tensor:
     raise NotImplementedError(type(layer))
 
 
-def explain_tokens(lrp: nn.Module, input_ids, attention_mask=None, position: int = -1, **kwargs):
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """The cached keys and values of a transformers cache, made leaves that require grad (in
+    place), so that the relevance they receive can be read."""
+    found = []
+    for layer in cache.layers:
+        for attr in ("keys", "values"):
+            t = getattr(layer, attr, None)
+            if isinstance(t, torch.Tensor):
+                t = t.detach().requires_grad_()
+                setattr(layer, attr, t)
+                found.append(t)
+    return found
+
+
+def explain_tokens(lrp: nn.Module, input_ids, attention_mask=None, position: int = -1, extra=(), **kwargs):
     """(relevance of the input embeddings, explained logit sum, absorbed relevance) of the
     top logit at ``position`` (causal models) or of the class logits (sequence classifiers),
     by the contract of lrpx's token explanations: embeddings looked up, passed as
-    ``inputs_embeds``; grad_outputs the logit value, one-hot."""
+    ``inputs_embeds``; grad_outputs the logit value, one-hot. The relevance that reaches the
+    tensors ``extra`` (a cache's keys and values) counts as absorbed."""
     embeds = lrp.get_input_embeddings()(input_ids).detach().requires_grad_()
     with OpRecorder() as rec:
         logits = lrp(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).logits
@@ -220,7 +236,7 @@ def explain_tokens(lrp: nn.Module, input_ids, attention_mask=None, position: int
     target = y.detach().argmax(-1)
     grad = torch.zeros_like(y)
     grad[rows, target] = y.detach()[rows, target]
-    params = [p for p in lrp.parameters() if p.requires_grad]
+    params = [p for p in lrp.parameters() if p.requires_grad] + list(extra)
     rel, *param_rel = torch.autograd.grad(y, [embeds] + params, grad, allow_unused=True)
     by_parameters = sum((g.double().sum() for g in param_rel if g is not None), torch.zeros((), dtype=torch.float64))
     return rel, grad.sum(), rec.total_absorbed() + by_parameters

@@ -1,0 +1,131 @@
+"""Hugging Face transformers models convert with no code of their own: tiny float64 configs with
+random weights, eager and sdpa attention, padding masks and the KV cache.
+
+For each family: the converted forward equals the original's; the relevance of the input
+embeddings (or pixels) is finite; and it accounts for the explained logit: token relevance
+plus what every LRP operation absorbs (biases, stabilizers, position embeddings, the softmax
+rule's non-conserved part), each written out from the rule's definition in tests/zoo_text.py,
+equals the logit.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lrpx
+
+from zoo_text import VOCAB, cache_tensors, explain_pixels, explain_tokens, families, randomized
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = families()
+#: families whose RMSNorm computes in float32 inside the float64 model (as transformers writes
+#: it): relevance passes float32 values there, so the accounting holds to float32 rounding
+#: (measured up to 1.3e-8 of the logit; the others hold to 1e-15)
+FLOAT32_NORMS = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"}
+FAST = {"llama", "gpt2", "bert"}
+CASES = [pytest.param(name, attn, id=f"{name}-{attn}",
+                      marks=() if name in FAST else pytest.mark.slow)
+         for name, (_, _, attns) in FAMILIES.items() for attn in attns]
+
+
+def _bound(name: str) -> float:
+    return 1e-7 if name in FLOAT32_NORMS else 1e-8
+
+
+def _model(name: str, attn: str, seed: int = 0):
+    build, kind, _ = FAMILIES[name]
+    torch.manual_seed(seed)
+    return randomized(build(attn), seed), kind
+
+
+def _inputs(kind: str, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "vision":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)}
+    ids = torch.randint(1, VOCAB, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0  # the second sequence is padded at its end
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _output(out):
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.pooler_output
+
+
+def _close(a, b, rtol=1e-8):
+    assert torch.isfinite(a).all()
+    error = float((a - b).abs().max() / b.abs().max())
+    assert error <= rtol, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name, attn", CASES)
+def test_family_converts_and_accounts_for_relevance(name, attn):
+    model, kind = _model(name, attn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lrp = lrpx.convert(model)
+    inputs = _inputs(kind)
+    with torch.no_grad():
+        _close(_output(lrp(**inputs)), _output(model(**inputs)))
+        if kind != "vision":  # without a mask, too
+            _close(_output(lrp(input_ids=inputs["input_ids"])), _output(model(input_ids=inputs["input_ids"])))
+    if kind == "vision":
+        rel, logit, absorbed = explain_pixels(lrp, inputs["pixel_values"])
+    else:  # position 4: the last one that is not padding in both sequences
+        rel, logit, absorbed = explain_tokens(lrp, inputs["input_ids"], inputs["attention_mask"], position=4)
+    assert torch.isfinite(rel).all() and rel.abs().sum() > 0
+    error = float((rel.sum() + absorbed - logit).abs() / logit.abs())
+    assert error <= _bound(name), f"{name}/{attn}: accounting error {error:.2e}"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in lrp.parameters())
+
+
+@pytest.mark.parametrize("name, attn", [c for c in CASES if FAMILIES[c.values[0]][1] == "causal"])
+def test_kv_cache_gives_the_same_outputs(name, attn):
+    """Two calls, the second with the cache of the first: the converted model's logits equal the
+    original's; the relevance of the new tokens is finite and accounts for the logit together
+    with what reaches the cached keys and values (the share of the earlier tokens)."""
+    model, _ = _model(name, attn)
+    lrp = lrpx.convert(model)
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :4], use_cache=True)
+        first_lrp = lrp(input_ids=ids[:, :4], use_cache=True)
+        _close(first_lrp.logits, first.logits)
+        second = model(input_ids=ids[:, 4:], past_key_values=first.past_key_values, use_cache=True)
+    cache = copy.deepcopy(first_lrp.past_key_values)
+    with torch.no_grad():
+        second_lrp = lrp(input_ids=ids[:, 4:], past_key_values=first_lrp.past_key_values, use_cache=True)
+    _close(second_lrp.logits, second.logits)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    rel, logit, absorbed = explain_tokens(lrp, ids[:, 4:], mask, extra=cache_tensors(cache), past_key_values=cache,
+                                          use_cache=True)
+    assert rel.shape == (2, 3, lrp.config.hidden_size) and torch.isfinite(rel).all()
+    error = float((rel.sum() + absorbed - logit).abs() / logit.abs())
+    assert error <= _bound(name), f"{name}/{attn}: accounting error {error:.2e}"
+
+
+def test_embeddings_contract_matches_input_ids():
+    """Looking the embeddings up and passing them as inputs_embeds gives the outputs of
+    input_ids; the embedding table gets no gradient."""
+    model, _ = _model("llama", "sdpa")
+    lrp = lrpx.convert(model)
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
+    embeds = lrp.get_input_embeddings()(ids)
+    assert not embeds.requires_grad
+    torch.testing.assert_close(lrp(inputs_embeds=embeds).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_unsupported_modules_are_named_with_path_and_type():
+    """A mixture of experts (Qwen3-MoE) is refused: its router selects experts with ``topk`` of a
+    softmax, which takes no rule; the error names the module, its class and the operations."""
+    model, _ = _model("qwen3_moe", "eager")
+    with pytest.raises(lrpx.UnsupportedModuleError) as info:
+        lrpx.convert(model)
+    message = str(info.value)
+    assert "'model.layers.0.mlp.gate' (transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter)" in message
+    assert "softmax, topk" in message
+    assert [name for name, _ in info.value.modules] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
