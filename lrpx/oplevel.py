@@ -16,8 +16,8 @@ its LRP rule, by the kind of operation:
   changed (a bare ``x.add_(y)`` whose result is dropped would not change ``x``);
 * ``rsqrt``, ``sqrt``, ``norm``, ``var``, ... of such a value: a statistic, computed from the
   detached value (:mod:`lrpx.statistics`), so that a product with it passes relevance;
-* ``a * b``: the product rule, all relevance to the one operand that carries relevance, half to
-  each of two (a gate is not told apart from a signal here, unlike in traced code);
+* ``a * b``: the product rule, all relevance to the one operand that carries relevance (a
+  parameter is a constant factor), half to each of two (a gate is not told apart from a signal here, unlike in traced code);
   ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule.
 
 Everything else (indexing, reshapes, rolls, padding, concatenation) keeps its gradient, which
@@ -154,6 +154,10 @@ class OpRules(TorchFunctionMode):
             op = operator.truediv if divide else operator.mul
             function = (lambda t: op(t, number)) if tensor is a else (lambda t: op(number, t))
             return lrp_apply(ElementwiseOps(function), _PASS, tensor)
+        # a parameter is a constant factor (a layer scale, a norm's weight): it takes no relevance
+        a, b = (t.detach() if isinstance(t, nn.Parameter) else t for t in (a, b))
+        if not (_carries(a) or _carries(b)):
+            return NotImplemented
         if divide and _carries(b):
             return NotImplemented  # a division by an activation: its gradient
         signal = None if _carries(a) and _carries(b) else 0 if _carries(a) else 1
