@@ -6,11 +6,13 @@ such a module an :class:`OpRules` mode: while its forward runs, each functional 
 values that carry relevance (tensors that require grad) is replaced by the same operation with
 its LRP rule, by the kind of operation:
 
-* ``F.linear`` with a weight, ``torch.addmm(b, x, w)`` (``x @ w + b``), ``F.layer_norm``: the weighted and normalisation rules;
+* ``F.linear`` with a weight (a parameter, or computed from parameters alone, as one expert's
+  slice of a mixture of experts), ``torch.addmm(b, x, w)`` (``x @ w + b``), ``F.layer_norm``: the weighted and normalisation rules;
 * ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` of two such values, ``F.scaled_dot_product_attention``:
   the bilinear rule (and the softmax rule inside attention);
 * ``softmax``: the softmax rule; ``a + b`` and ``a - b``: the sum rule (a number or a constant
-  tensor takes its share like a bias); ``mean``/``sum`` over dimensions: the sum rule;
+  tensor takes its share like a bias); ``mean``/``sum`` over dimensions and ``index_add`` (also
+  in place, as a mixture of experts gathers its experts' outputs): the sum rule;
 * ``x += y`` (``add_``, and likewise ``-=``, ``*=``, ``/=`` and in-place activations) out of
   place with its rule: the result is what ``x`` is bound to, and no output a rule saved is
   changed (a bare ``x.add_(y)`` whose result is dropped would not change ``x``);
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .core import lrp_apply
-from .ops import ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SoftmaxOps, SumOps
+from .ops import ElementwiseOps, IndexAddOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SoftmaxOps, SumOps
 from .rules.base import Rule
 from .rules.elementwise import Pass
 from .statistics import held_root
@@ -57,6 +59,9 @@ _MATMULS = {torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm}
 _SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
 _REDUCE = {torch.mean: False, _T.mean: False, torch.sum: True, _T.sum: True}
 _NEG = {torch.neg, _T.neg, _T.__neg__}
+_INDEX_ADDS = {torch.index_add, _T.index_add, _T.index_add_}
+#: operations known to mix activations with weights in ways no rule covers (grouped matrix products)
+_NO_RULE = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f is not None}
 _ACTIVATIONS = {F.relu, torch.relu, _T.relu, F.gelu, F.silu, torch.sigmoid, _T.sigmoid, F.sigmoid, torch.tanh,
                 _T.tanh, F.hardswish, F.hardsigmoid, F.mish, F.leaky_relu, F.elu, F.relu6, F.hardtanh}
 
@@ -89,7 +94,18 @@ class OpRules(TorchFunctionMode):
             if isinstance(x, Tensor) and \
                     (isinstance(weight, nn.Parameter) or isinstance(weight, Tensor) and not weight.requires_grad):
                 return lrp_apply(LinearOps(), rules["weighted"], x, weight, bias)
+            if isinstance(x, Tensor) and _from_parameters(weight) and (bias is None or _from_parameters(bias)):
+                # a weight the forward selects from its parameters (one expert's slice): a constant
+                return lrp_apply(LinearOps(), rules["weighted"], x, weight.detach(),
+                                 None if bias is None else bias.detach())
             return NotImplemented
+        if func in _NO_RULE:
+            raise NotImplementedError(
+                f"{getattr(func, '__name__', func)} applied to values that carry relevance has no LRP rule; for a "
+                "transformers mixture of experts, set model.config._experts_implementation = 'eager' (a loop over "
+                "experts with linear layers) before converting")
+        if func in _INDEX_ADDS and len(args) == 4 and not kwargs and isinstance(args[3], Tensor):
+            return self._index_add(func, *args)
         if func is torch.addmm and len(args) == 3 and not kwargs and _carries(args[1]) and not _carries(args[2]):
             return lrp_apply(LinearOps(), rules["weighted"], args[1], args[2].t(), args[0])  # x @ w + b
         if func is F.layer_norm:
@@ -146,6 +162,15 @@ class OpRules(TorchFunctionMode):
             return NotImplemented
         return lrp_apply(SumOps(), self.rules["sum"], (a, b))
 
+    def _index_add(self, func, base: Tensor, dim: int, index: Tensor, source: Tensor):
+        """``base.index_add(dim, index, source)`` with the sum rule; ``index_add_`` changes
+        ``base`` in place (its result is often dropped), by a copy of the sum computed from a
+        copy of ``base`` (no tensor a rule saved is changed)."""
+        out = lrp_apply(IndexAddOps(dim, index), self.rules["sum"], (base.clone(), source))
+        if func is _T.index_add_:
+            return base.copy_(out)
+        return out
+
     def _product(self, a, b, divide: bool):
         if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
             tensor, number = (a, b) if isinstance(a, Tensor) else (b, a)
@@ -162,6 +187,27 @@ class OpRules(TorchFunctionMode):
             return NotImplemented  # a division by an activation: its gradient
         signal = None if _carries(a) and _carries(b) else 0 if _carries(a) else 1
         return lrp_apply(ProductOps(signal, divide, (a.shape, b.shape)), self.rules["product"], (a, b))
+
+
+def _from_parameters(value, limit: int = 16) -> bool:
+    """Whether ``value`` is a tensor computed from parameters alone (its autograd graph, of at
+    most ``limit`` nodes, ends in parameters only), as ``weight[expert]``."""
+    if isinstance(value, nn.Parameter):
+        return True
+    if not isinstance(value, Tensor) or value.grad_fn is None:
+        return False
+    seen, todo = 0, [value.grad_fn]
+    while todo:
+        node = todo.pop()
+        seen += 1
+        if seen > limit:
+            return False
+        if type(node).__name__ == "AccumulateGrad":
+            if not isinstance(node.variable, nn.Parameter):
+                return False
+            continue
+        todo.extend(n for n, _ in node.next_functions if n is not None)
+    return True
 
 
 def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:

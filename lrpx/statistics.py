@@ -87,14 +87,41 @@ def _statistic(graph: fx.Graph, root: fx.Node, kinds: dict[fx.Node, str]) -> set
 def hold_all(model_graph) -> None:
     """:func:`hold_statistics` on every graph of a :class:`lrpx.graph.ModelGraph`, and
     ``torch.addmm(b, x, w)`` of an activation ``x`` and constants as ``F.linear(x, w.t(), b)``
-    (Hugging Face's ``Conv1D``), which the rewrite then makes a linear layer; the edited
-    modules are marked ``changed``."""
+    (Hugging Face's ``Conv1D``) and a softmax in a given dtype as a softmax of the cast input,
+    which the rewrite then makes layers; the edited modules are marked ``changed``."""
     from .rewrite import tags
 
     for name, graph in model_graph.items():
         kinds = tags(graph)
-        if _addmm_as_linear(graph, kinds) | hold_statistics(graph, kinds):
+        if _addmm_as_linear(graph, kinds) | _softmax_cast(graph, kinds) | hold_statistics(graph, kinds):
             model_graph.changed.add(name)
+
+
+_SOFTMAXES = {F.softmax: ("input", "dim", "_stacklevel", "dtype"), torch.softmax: ("input", "dim", "dtype")}
+
+
+def _softmax_cast(graph: fx.Graph, kinds: dict[fx.Node, str]) -> bool:
+    """``softmax(x, dim, dtype=d)`` of an activation as ``softmax(x.to(d), dim)`` (the same
+    values: the input is cast first), which the rewrite then makes a softmax layer."""
+    changed = False
+    for node in list(graph.nodes):
+        names = _SOFTMAXES.get(node.target) if node.op == "call_function" else None
+        if names is None or len(node.args) > len(names):
+            continue
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        dtype = bound.pop("dtype", None)
+        bound.pop("_stacklevel", None)
+        if dtype is None or set(bound) != {"input", "dim"} or kinds.get(bound["input"]) != "input" or \
+                isinstance(bound["dim"], fx.Node):
+            continue
+        with graph.inserting_before(node):
+            cast = graph.call_method("to", (bound["input"], dtype))
+            new = graph.call_function(F.softmax, (cast,), {"dim": bound["dim"]})
+        kinds[cast] = kinds[new] = "input"
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed = True
+    return changed
 
 
 def _addmm_as_linear(graph: fx.Graph, kinds: dict[fx.Node, str]) -> bool:

@@ -24,10 +24,10 @@ FAMILIES = families()
 #: families whose RMSNorm computes in float32 inside the float64 model (as transformers writes
 #: it): relevance passes float32 values there, so the accounting holds to float32 rounding
 #: (measured up to 1.3e-8 of the logit; the others hold to 1e-15)
-FLOAT32_NORMS = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"}
+FLOAT32_NORMS = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3", "phi3"}
 FAST = {"llama", "gpt2", "bert"}
-#: families convert refuses (see test_unsupported_modules_are_named_with_path_and_type)
-REFUSED = {"qwen3_moe"}
+#: families convert refuses
+REFUSED: set[str] = set()
 CASES = [pytest.param(name, attn, id=f"{name}-{attn}",
                       marks=() if name in FAST else pytest.mark.slow)
          for name, (_, _, attns) in FAMILIES.items() for attn in attns if name not in REFUSED]
@@ -121,16 +121,33 @@ def test_embeddings_contract_matches_input_ids():
     torch.testing.assert_close(lrp(inputs_embeds=embeds).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+class _CumulativeActivation(torch.nn.Module):
+    def forward(self, x):
+        return x.cumsum(-1)
+
+
 def test_unsupported_modules_are_named_with_path_and_type():
-    """A mixture of experts (Qwen3-MoE) is refused: its router selects experts with ``topk`` of a
-    softmax, which takes no rule; the error names the module, its class and the operations."""
-    model, _ = _model("qwen3_moe", "eager")
+    """An operation without a rule in a module's forward (here ``cumsum`` in place of the MLP's
+    activation) is refused, naming the module's path, its class and the operation."""
+    model, _ = _model("llama", "sdpa")
+    model.model.layers[1].mlp.act_fn = _CumulativeActivation()
     with pytest.raises(lrpx.UnsupportedModuleError) as info:
         lrpx.convert(model)
     message = str(info.value)
-    assert "'model.layers.0.mlp.gate' (transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter)" in message
-    assert "softmax, topk" in message
-    assert [name for name, _ in info.value.modules] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert "'model.layers.1.mlp.act_fn' (test_transformers._CumulativeActivation)" in message
+    assert "applies cumsum to values computed from the input" in message
+    assert [name for name, _ in info.value.modules] == ["model.layers.1.mlp.act_fn"]
+
+
+def test_grouped_experts_are_refused_at_run_time():
+    """transformers' grouped matrix product of experts has no rule: calling the converted model
+    with it raises, saying what to set instead."""
+    model, _ = _model("qwen3_moe", "sdpa")
+    model.config._experts_implementation = "grouped_mm"
+    lrp = lrpx.convert(model.float())
+    embeds = lrp.get_input_embeddings()(torch.tensor([[1, 2, 3]])).requires_grad_()
+    with pytest.raises(NotImplementedError, match="_experts_implementation = 'eager'"):
+        lrp(inputs_embeds=embeds)
 
 
 def _token_relevance(lrp, ids, target=None):

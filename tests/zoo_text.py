@@ -36,6 +36,8 @@ def _decoder(config_cls, **extra):
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             pad_token_id=0, **extra)
         config._attn_implementation = attn
+        if hasattr(config, "_experts_implementation"):  # the loop over experts (grouped_mm has no float64)
+            config._experts_implementation = "eager"
         return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
     return build
 
@@ -182,6 +184,10 @@ def absorbed(c: dict) -> torch.Tensor:
     if isinstance(layer, ops.SumOps):
         share = R / stab(z, rule.epsilon)
         return R.sum() - sum((x * share).sum() for x, k in zip(xs, carries) if k)
+    if isinstance(layer, ops.IndexAddOps):  # base + source placed at index: in proportion
+        share = R / stab(z, rule.epsilon)
+        parts = (xs[0] * share, xs[1] * share.index_select(layer.dim, layer.index))
+        return R.sum() - sum(p.sum() for p, k in zip(parts, carries) if k)
     if isinstance(layer, ops.MeanOps):  # a linear map without bias: sum_i x_i ds/dx_i = z
         return R.sum() - (R * z / stab(z, rule.epsilon)).sum()
     if isinstance(layer, ops.ProductOps):  # all to the signal, or half each
