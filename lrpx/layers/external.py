@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .activation import _activation_twin
+from .activation import _ActivationTwin
 
 __all__ = ["ELEMENTWISE_CLASSES", "external_twins"]
 
@@ -34,6 +34,8 @@ def external_twins(model: nn.Module) -> dict[type[nn.Module], type[nn.Module]]:
         cls = type(module)
         if cls.__name__ in ELEMENTWISE_CLASSES.get(cls.__module__, ()):
             if cls not in _MADE:
-                _MADE[cls] = _activation_twin(cls)
+                doc = f"``{cls.__module__}.{cls.__name__}`` whose backward passes relevance through unchanged."
+                _MADE[cls] = type(f"LRP{cls.__name__}", (_ActivationTwin, cls),
+                                  {"_torch_class": cls, "__doc__": doc, "__module__": __name__})
             found[cls] = _MADE[cls]
     return found
