@@ -115,4 +115,4 @@ def test_convnextv2_global_response_norm_converts_and_accounts():
         torch.testing.assert_close(lrp(x), model(x), rtol=1e-10, atol=1e-12)
     rel, logit, absorbed = _explain_and_account(lrp, x)
     assert torch.isfinite(rel).all()
-    assert float((rel.sum() + absorbed - logit).abs() / logit.abs()) <= 1e-8
+    assert float((rel.sum() + absorbed - logit).abs().detach() / logit.abs()) <= 1e-8
