@@ -115,7 +115,7 @@ def convert(
     twins = registry(twins, target)
     opened = _check_leaves(target, twins, trace)  # before tracing can fail on them
     target, graph = canonize_graph(target, twins, trace=trace)
-    _check_opened(graph, opened)
+    _check_opened(graph, opened, target)
     _check_parameters(target, twins, graph)
     composite = composite or Composite()
     table = composite.table(target, twins)
@@ -203,7 +203,7 @@ def _sizes(graph: ModelGraph, name: str) -> set[str]:
     return set(names) - passed
 
 
-def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
+def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]], model: nn.Module) -> None:
     """Traced forward code computes nothing from the input outside the layers the rewrite made
     of it (moving, reshaping and joining values aside; divisions by activations are kept by
     design), and the leaves without a twin could be traced: an operation without a rule would
@@ -216,7 +216,7 @@ def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]]) -> None:
     for name, g in list(graph.items()):
         ops = unrouted(g, _sizes(graph, name))
         if ops and _called_at_run_time(graph, name):
-            _to_run_time(graph, name, ops)
+            _to_run_time(graph, name, ops, model, leaf=any(name == n for n, _ in opened))
         elif ops:
             bad.append((name, graph.classes.get(name, nn.Module)))
             reasons.append(f"'{name or '<root>'}': its forward applies {', '.join(sorted(set(ops)))} to values "
@@ -235,10 +235,15 @@ def _called_at_run_time(graph: ModelGraph, name: str) -> bool:
     return bool(name) and name not in graph.sites and parent in graph.oplevel
 
 
-def _to_run_time(graph: ModelGraph, name: str, ops: list[str]) -> None:
+def _to_run_time(graph: ModelGraph, name: str, ops: list[str], model: nn.Module, *, leaf: bool) -> None:
     """Let module ``name`` keep its own forward with rules at run time: there, operations on
     values that carry no relevance (``cos`` of positions in a rotary embedding) run as they
-    are, and the others take their rules (:mod:`lrpx.oplevel`)."""
+    are, and the others take their rules (:mod:`lrpx.oplevel`). The layers the rewrite gave a
+    module that had no children are taken away again."""
+    if leaf:
+        module = model.get_submodule(name)
+        for child in list(module._modules):
+            delattr(module, child)
     del graph.graphs[name]
     graph.changed.discard(name)
     graph.oplevel[name] = (f"'{name}' ({graph.classes[name].__qualname__}) applies {', '.join(sorted(set(ops)))}, "
