@@ -27,7 +27,7 @@ from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdap
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Sum", "Product", "Matmul", "Normalize", "ScaledDotProductAttention", "Interpolate",
+__all__ = ["Twin", "LRPEmbedding", "external_twins", "Add", "Mean", "Sum", "Product", "Matmul", "Normalize", "ScaledDotProductAttention", "Interpolate",
            "FusedReLU", "twin", "default_twins", "registry", "kind_of", "inherited", "batchnorm_affine",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
            "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
