@@ -25,6 +25,7 @@ from .graph import ModelGraph, TraceError, join
 from .layers.detection import FrozenBatchNorm2d
 from .layers import batchnorm_affine, has_hooks, registry
 from .rewrite import rewrite_functional
+from .statistics import hold_all
 
 __all__ = ["canonize", "canonize_graph", "fold_batchnorm", "fold_batchnorms", "out_of_place", "TraceError"]
 
@@ -117,5 +118,6 @@ def canonize_graph(model: nn.Module, twins: dict[type[nn.Module], type[nn.Module
     whole = tuple(cls for cls, twin in twins.items() if twin is not None)
     graph = ModelGraph.build(model, trace=trace, whole=whole, known=set(twins))
     fold_batchnorms(model, graph)
+    hold_all(graph)  # normalising statistics as constants (lrpx.statistics)
     rewrite_functional(model, graph)
     return model, graph

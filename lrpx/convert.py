@@ -113,9 +113,9 @@ def convert(
     target.eval()
     adopt(target)  # torchvision's detection modules: see lrpx.detection
     twins = registry(twins, target)
-    _check_leaves(target, twins, trace)  # before tracing can fail on them
+    opened = _check_leaves(target, twins, trace)  # before tracing can fail on them
     target, graph = canonize_graph(target, twins, trace=trace)
-    _check_opened(graph)
+    _check_opened(graph, opened, target)
     _check_parameters(target, twins, graph)
     composite = composite or Composite()
     table = composite.table(target, twins)
@@ -214,7 +214,7 @@ def _sizes(graph: ModelGraph, name: str) -> set[str]:
     return set(names) - passed
 
 
-def _check_opened(graph: ModelGraph) -> None:
+def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]], model: nn.Module) -> None:
     """Traced forward code computes nothing from the input outside the layers the rewrite made
     of it (moving, reshaping and joining values aside; divisions by activations are kept by
     design): an operation without a rule would pass its plain gradient as relevance. Forward
@@ -224,9 +224,11 @@ def _check_opened(graph: ModelGraph) -> None:
     for name, reason in graph.untraced.items():
         bad.append((name, graph.classes.get(name, nn.Module)))
         reasons.append(f"'{name}': its forward cannot be traced ({reason})")
-    for name, g in graph.items():
+    for name, g in list(graph.items()):
         ops = unrouted(g, _sizes(graph, name))
-        if ops:
+        if ops and _called_at_run_time(graph, name):
+            _to_run_time(graph, name, ops, model, leaf=any(name == n for n, _ in opened))
+        elif ops:
             bad.append((name, graph.classes.get(name, nn.Module)))
             reasons.append(f"'{name or '<root>'}': its forward applies {', '.join(sorted(set(ops)))} to values "
                            "computed from the input, which take no LRP rule")
@@ -235,6 +237,28 @@ def _check_opened(graph: ModelGraph) -> None:
     bad, reasons = [bad[i] for i in ranked], [reasons[i] for i in ranked]
     if bad:
         raise UnsupportedModuleError(bad, reasons)
+
+
+def _called_at_run_time(graph: ModelGraph, name: str) -> bool:
+    """Whether module ``name`` is called only by forward code that takes its rules at run time
+    (its parent's forward could not be traced): what it is given is known only then."""
+    parent = name.rpartition(".")[0]
+    return bool(name) and name not in graph.sites and parent in graph.oplevel
+
+
+def _to_run_time(graph: ModelGraph, name: str, ops: list[str], model: nn.Module, *, leaf: bool) -> None:
+    """Let module ``name`` keep its own forward with rules at run time: there, operations on
+    values that carry no relevance (``cos`` of positions in a rotary embedding) run as they
+    are, and the others take their rules (:mod:`lrpx.oplevel`). The layers the rewrite gave a
+    module that had no children are taken away again."""
+    if leaf:
+        module = model.get_submodule(name)
+        for child in list(module._modules):
+            delattr(module, child)
+    del graph.graphs[name]
+    graph.changed.discard(name)
+    graph.oplevel[name] = (f"'{name}' ({graph.classes[name].__qualname__}) applies {', '.join(sorted(set(ops)))}, "
+                           "which take no rule, to its arguments: judged at run time, where they are known")
 
 
 def _check_parameters(model: nn.Module, twins: dict, graph: ModelGraph) -> None:

@@ -56,10 +56,27 @@ class LRPFunction(torch.autograd.Function):
                 saved[name] = values[at]
                 at += 1
         rule = ctx.rule.relevance_after_relu if ctx.relu else ctx.rule.relevance
-        relevance_in = rule(ctx.layer, relevance, **saved)
+        dtype = relevance.dtype
+        if dtype in _HALF:  # the rule in float32, its result in the dtype of the inputs
+            saved = {k: _float(v) for k, v in saved.items()}
+            relevance_in = rule(ctx.layer, relevance.float(), **saved)
+            relevance_in = relevance_in.to(dtype) if isinstance(relevance_in, Tensor) else \
+                tuple(None if r is None else r.to(dtype) for r in relevance_in)
+        else:
+            relevance_in = rule(ctx.layer, relevance, **saved)
         if ctx.count == 1:
             return None, None, None, None, None, relevance_in
         return (None, None, None, None, None, *relevance_in)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _float(value):
+    """Half-precision tensors (alone or in a tuple) as float32."""
+    if isinstance(value, tuple):
+        return tuple(_float(v) for v in value)
+    return value.float() if isinstance(value, Tensor) and value.dtype in _HALF else value
 
 
 def fused_relu(output: Tensor) -> Tensor:

@@ -145,6 +145,15 @@ def join(prefix: str, target: str) -> str:
     return f"{prefix}.{target}" if prefix else target
 
 
+def _optional(module: nn.Module) -> bool:
+    """Whether ``module``'s forward has an argument with a default value."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    return any(p.default is not inspect.Parameter.empty for p in params)
+
+
 def _has_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward  # ModuleList / ModuleDict have none
 
@@ -205,10 +214,21 @@ class ModelGraph:
         children = list(module.named_children())
         if name and type(module) in whole:
             return
+        # called only by code with rules at run time: its arguments are not known here, so it is
+        # traced with free arguments or takes its rules at run time too
+        free = bool(name) and name.rpartition(".")[0] in self.oplevel and not sites.get(name)
+        if free and trace and _has_forward(module) and _optional(module) and \
+                (children or type(module) not in known) and not isinstance(module, UNTRACED):
+            # a trace would take one side of each `if argument is None` for all calls
+            self.oplevel[name] = (f"'{name}' ({type(module).__qualname__}) has optional arguments and is called by code "
+                                  "with rules at run time: its rules are applied at run time too")
+            for child_name, child in children:
+                self._visit(child, join(name, child_name), trace, whole, known, sites)
+            return
         if not children:  # a leaf: traced if its class is unknown, to rewrite what its forward does
             if trace and name and type(module) not in known and _has_forward(module):
                 try:
-                    self.graphs[name] = _trace(module, name, sites.get(name, []))
+                    self.graphs[name] = _trace(module, name, sites.get(name, []), free=free)
                 except TraceError as err:
                     reason = str(err.__cause__ or err).splitlines()[0]
                     if type(module).__module__.startswith("torch."):  # a torch layer (LSTM): one fused kernel
@@ -220,7 +240,7 @@ class ModelGraph:
             self.graphs[name] = chain_graph(module)
         elif trace and _has_forward(module) and not isinstance(module, UNTRACED):
             try:
-                self.graphs[name] = _trace(module, name, sites.get(name, []))
+                self.graphs[name] = _trace(module, name, sites.get(name, []), free=free)
             except TraceError as err:
                 self.oplevel[name] = str(err).splitlines()[0]
         for node in self.graphs[name].nodes if name in self.graphs else ():
@@ -280,16 +300,17 @@ def _within(name: str, outer: str) -> bool:
     return outer == "" or name.startswith(outer + ".")
 
 
-def _trace(module: nn.Module, name: str, sites: list[fx.Node]) -> fx.Graph:
+def _trace(module: nn.Module, name: str, sites: list[fx.Node], *, free: bool = False) -> fx.Graph:
     """The graph of ``module``, its arguments fixed to the constants its callers pass (the
-    model's root, called by the user, is traced with free arguments where it can be)."""
+    model's root, called by the user, is traced with free arguments where it can be; ``free``:
+    only with free arguments)."""
     fixed = _fixed_arguments(module, sites) if sites else None
     try:
         if fixed is None:
             try:
                 return trace_children_as_leaves(module)
             except Exception:  # noqa: BLE001 - retried with the defaults, which raises its own error
-                fixed = _fixed_arguments(module, [])
+                fixed = None if free else _fixed_arguments(module, [])
                 if not fixed:
                     raise
         return trace_children_as_leaves(module, fixed)

@@ -8,19 +8,24 @@ its LRP rule, by the kind of operation. Values computed in that forward from par
 constants alone (a relative position bias gathered from its table, a clamped logit scale) carry
 no relevance of the input, although they require grad: they are constants to the rules.
 
-* ``F.linear`` and ``F.conv*d`` with a weight (not computed from the input), ``F.layer_norm``:
-  the weighted and normalisation rules; ``F.normalize``: relevance passes (the norm is read as
-  a constant, as the normalisation rule reads it);
+* ``F.linear`` and ``F.conv*d`` with a weight not computed from the input (a parameter, or
+  computed from parameters alone, as one expert's slice of a mixture of experts),
+  ``torch.addmm(b, x, w)`` (``x @ w + b``), ``F.layer_norm``: the weighted and normalisation
+  rules; ``F.normalize``: relevance passes (the norm is read as a constant, as the
+  normalisation rule reads it);
 * ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` / ``torch.einsum`` of two such values,
   ``F.scaled_dot_product_attention``: the bilinear rule (and the softmax rule inside
   attention); ``a @ w`` with a factor computed from parameters: the weighted rule;
 * ``softmax``: the softmax rule; ``a + b`` and ``a - b``: the sum rule (a number or a constant
-  tensor takes its share like a bias); ``mean``/``sum`` over dimensions: the sum rule;
+  tensor takes its share like a bias); ``mean``/``sum`` over dimensions and ``index_add`` (also
+  in place, as a mixture of experts gathers its experts' outputs): the sum rule;
 * ``x += y`` (``add_``, and likewise ``-=``, ``*=``, ``/=`` and in-place activations) out of
   place with its rule: the result is what ``x`` is bound to, and no output a rule saved is
   changed (a bare ``x.add_(y)`` whose result is dropped would not change ``x``);
-* ``a * b``: the product rule, all relevance to the one operand that carries relevance, half to
-  each of two (a gate is not told apart from a signal here, unlike in traced code);
+* ``rsqrt``, ``sqrt``, ``norm``, ``var``, ... of such a value: a statistic, computed from the
+  detached value (:mod:`lrpx.statistics`), so that a product with it passes relevance;
+* ``a * b``: the product rule, all relevance to the one operand that carries relevance (a
+  parameter is a constant factor), half to each of two (a gate is not told apart from a signal here, unlike in traced code);
   ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule.
 
 Indexing, reshapes, rolls, padding, concatenation and max pooling keep their gradient, which
@@ -42,12 +47,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .core import lrp_apply
-from .layers.attention import ScaledDotProductAttention, lrp_softmax
+from .layers.attention import ScaledDotProductAttention
+from .ops import (ConvOps, ElementwiseOps, IndexAddOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps,
+                  SoftmaxOps, SumOps, WeightMatmulOps)
 from .routing import ROUTING_FUNCTIONS, ROUTING_METHODS
-from .ops import (ConvOps, ElementwiseOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps, SumOps,
-                  WeightMatmulOps)
 from .rules.base import Rule
 from .rules.elementwise import Pass
+from .statistics import held_root
 
 __all__ = ["OpRules", "UnruledOperationWarning"]
 
@@ -79,6 +85,9 @@ _MOVES = ROUTING_METHODS | {"__getitem__", "__setitem__", "__get__", "__len__", 
                             "empty_like", "full_like", "eq", "ne", "lt", "le", "gt", "ge", "index_select", "gather",
                             "take_along_dim", "register_hook", "argmax", "argmin", "argsort", "topk", "max", "amax"}
 _CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_INDEX_ADDS = {torch.index_add, _T.index_add, _T.index_add_}
+#: operations known to mix activations with weights in ways no rule covers (grouped matrix products)
+_NO_RULE = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f is not None}
 _ACTIVATIONS = {F.relu, torch.relu, _T.relu, F.gelu, F.silu, torch.sigmoid, _T.sigmoid, F.sigmoid, torch.tanh,
                 _T.tanh, F.hardswish, F.hardsigmoid, F.mish, F.leaky_relu, F.elu, F.relu6, F.hardtanh}
 
@@ -125,6 +134,10 @@ class OpRules(TorchFunctionMode):
             x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
             if isinstance(x, Tensor) and isinstance(weight, Tensor) and not self._carries(weight):
                 return lrp_apply(LinearOps(), rules["weighted"], x, weight, bias)
+            if isinstance(x, Tensor) and _from_parameters(weight) and (bias is None or _from_parameters(bias)):
+                # a weight the forward selects from its parameters (one expert's slice): a constant
+                return lrp_apply(LinearOps(), rules["weighted"], x, weight.detach(),
+                                 None if bias is None else bias.detach())
             return NotImplemented
         if func in _CONVS:
             return self._conv(_CONVS[func], args, kwargs)
@@ -134,6 +147,15 @@ class OpRules(TorchFunctionMode):
                 return NotImplemented
             normalize = partial(F.normalize, **{k: v for k, v in bound.items() if k != "input"})
             return lrp_apply(ElementwiseOps(normalize), _PASS, bound["input"])
+        if func in _NO_RULE:
+            raise NotImplementedError(
+                f"{getattr(func, '__name__', func)} applied to values that carry relevance has no LRP rule; for a "
+                "transformers mixture of experts, set model.config._experts_implementation = 'eager' (a loop over "
+                "experts with linear layers) before converting")
+        if func in _INDEX_ADDS and len(args) == 4 and not kwargs and isinstance(args[3], Tensor):
+            return self._index_add(func, *args)
+        if func is torch.addmm and len(args) == 3 and not kwargs and self._carries(args[1]) and not self._carries(args[2]):
+            return lrp_apply(LinearOps(), rules["weighted"], args[1], args[2].t(), args[0])  # x @ w + b
         if func is F.layer_norm:
             bound = _bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
             if "normalized_shape" not in bound:
@@ -142,6 +164,9 @@ class OpRules(TorchFunctionMode):
                              rules["normalization"], bound["input"], bound.get("weight"), bound.get("bias"))
         if func is F.scaled_dot_product_attention:
             return ScaledDotProductAttention(rules["bilinear"])(*args, **kwargs)
+        statistic = held_root(func, args, kwargs)  # rsqrt(mean(x ** 2) + eps) and the like: constants
+        if statistic is not NotImplemented:
+            return statistic
         if func in _ACTIVATIONS and kwargs.get("inplace"):
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # never in place on a saved output
         if kwargs and func not in _SOFTMAX and func not in _REDUCE:
@@ -161,9 +186,11 @@ class OpRules(TorchFunctionMode):
             return NotImplemented
         if func in _SOFTMAX:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if dim is None or kwargs.get("dtype") is not None:
+            at = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype)
+            dtype = kwargs.get("dtype", args[at] if len(args) > at else None)
+            if dim is None or set(kwargs) - {"dim", "dtype", "_stacklevel"}:
                 return NotImplemented
-            return lrp_softmax(args[0], dim, rules["softmax"])
+            return lrp_apply(SoftmaxOps(dim, dtype), rules["softmax"], args[0])
         if func in _REDUCE and isinstance(args[0], Tensor) and set(kwargs) <= {"dim", "keepdim"}:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
@@ -193,6 +220,15 @@ class OpRules(TorchFunctionMode):
             return NotImplemented
         return lrp_apply(SumOps(), self.rules["sum"], (a, b))
 
+    def _index_add(self, func, base: Tensor, dim: int, index: Tensor, source: Tensor):
+        """``base.index_add(dim, index, source)`` with the sum rule; ``index_add_`` changes
+        ``base`` in place (its result is often dropped), by a copy of the sum computed from a
+        copy of ``base`` (no tensor a rule saved is changed)."""
+        out = lrp_apply(IndexAddOps(dim, index), self.rules["sum"], (base.clone(), source))
+        if func is _T.index_add_:
+            return base.copy_(out)
+        return out
+
     def _product(self, a, b, divide: bool):
         if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
             tensor, number = (a, b) if isinstance(a, Tensor) else (b, a)
@@ -201,6 +237,10 @@ class OpRules(TorchFunctionMode):
             op = operator.truediv if divide else operator.mul
             function = (lambda t: op(t, number)) if tensor is a else (lambda t: op(number, t))
             return lrp_apply(ElementwiseOps(function), _PASS, tensor)
+        # a parameter is a constant factor (a layer scale, a norm's weight): it takes no relevance
+        a, b = (t.detach() if isinstance(t, nn.Parameter) else t for t in (a, b))
+        if not (self._carries(a) or self._carries(b)):
+            return NotImplemented
         if divide and self._carries(b):
             return NotImplemented  # a division by an activation: its gradient
         signal = None if self._carries(a) and self._carries(b) else 0 if self._carries(a) else 1
@@ -218,6 +258,27 @@ class OpRules(TorchFunctionMode):
         ops = ConvOps(dim, expand(bound.get("stride", 1)), expand(padding), expand(bound.get("dilation", 1)),
                       bound.get("groups", 1))
         return lrp_apply(ops, self.rules["weighted"], bound["input"], weight, bound.get("bias"))
+
+
+def _from_parameters(value, limit: int = 16) -> bool:
+    """Whether ``value`` is a tensor computed from parameters alone (its autograd graph, of at
+    most ``limit`` nodes, ends in parameters only), as ``weight[expert]``."""
+    if isinstance(value, nn.Parameter):
+        return True
+    if not isinstance(value, Tensor) or value.grad_fn is None:
+        return False
+    seen, todo = 0, [value.grad_fn]
+    while todo:
+        node = todo.pop()
+        seen += 1
+        if seen > limit:
+            return False
+        if type(node).__name__ == "AccumulateGrad":
+            if not isinstance(node.variable, nn.Parameter):
+                return False
+            continue
+        todo.extend(n for n, _ in node.next_functions if n is not None)
+    return True
 
 
 def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:

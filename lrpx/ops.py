@@ -16,7 +16,7 @@ from torch import Tensor
 
 __all__ = ["LinearOps", "ConvOps", "DiagonalOps", "AvgPoolOps", "AdaptiveAvgPoolOps", "MeanOps", "SumOps",
            "ElementwiseOps", "LayerNormOps", "GroupNormOps", "SoftmaxOps", "MatmulOps", "ProductOps",
-           "InterpolateOps"]
+           "InterpolateOps", "IndexAddOps"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -268,13 +268,18 @@ class GroupNormOps:
 
 @dataclass(frozen=True)
 class SoftmaxOps:
-    """``torch.softmax(input, dim)``."""
+    """``torch.softmax(input, dim)``; with ``dtype``, computed in that dtype (``softmax(x, dim,
+    dtype=torch.float32)``) and returned in the wider of it and the input's dtype, so that the
+    rule works in at least the precision of both."""
 
     dim: int
+    dtype: torch.dtype | None = None
     kind: ClassVar[str] = "softmax"
 
     def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
-        return torch.softmax(input, self.dim)
+        if self.dtype is None:
+            return torch.softmax(input, self.dim)
+        return torch.softmax(input, self.dim, dtype=self.dtype).to(torch.promote_types(input.dtype, self.dtype))
 
 
 @dataclass(frozen=True)
@@ -386,3 +391,22 @@ class InterpolateOps:
         x = _like(s, input).detach().requires_grad_(True)
         with torch.enable_grad():
             return torch.autograd.grad(self.forward(x), x, s)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class IndexAddOps:
+    """``input.index_add(dim, index, source)``: the sum of ``input`` and the slices of ``source``
+    added at ``index`` along ``dim`` (a mixture of experts gathering its experts' outputs); VJP
+    ``(s, s.index_select(dim, index))``."""
+
+    dim: int
+    index: Tensor
+    kind: ClassVar[str] = "sum"
+    channel_axis: int = 1
+
+    def forward(self, input: tuple[Tensor, Tensor], weight: None = None, bias: None = None) -> Tensor:
+        base, source = input
+        return base.index_add(self.dim, self.index, source)
+
+    def vjp(self, s: Tensor, weight: None, input: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return s, s.index_select(self.dim, self.index)

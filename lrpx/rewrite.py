@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .graph import OUTPUT_KINDS, ModelGraph
 from .calls import layer_from_call
+from .statistics import held
 from .layers import (Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum,
                      WeightMatmul)
 
@@ -258,8 +259,8 @@ def tags(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> dict[fx.Node,
             found_tags[node] = "meta" if part == "meta" else found_tags[node.args[0]]
         elif node.op == "placeholder":
             found_tags[node] = "meta" if node.target in sizes else "input"
-        elif node.op == "get_attr":
-            found_tags[node] = "constant"
+        elif node.op == "get_attr" or (node.op == "call_function" and node.target is held):
+            found_tags[node] = "constant"  # a statistic held constant: lrpx.statistics
         elif (node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")) or \
                 (node.op == "call_method" and node.target in ("size", "dim")):
             found_tags[node] = "meta"

@@ -19,7 +19,7 @@ __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 _ROUTING_METHODS = RESHAPES | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow", "select",
                                "repeat", "tile", "to", "type", "float", "double", "half", "bfloat16", "clone",
                                "unflatten", "movedim", "swapaxes", "view_as", "reshape_as", "squeeze_",
-                               "unsqueeze_", "append", "extend", "insert", "type_as", "unfold"}
+                               "unsqueeze_", "append", "extend", "insert", "type_as", "unfold", "topk"}
 _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
                       torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
                       torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
@@ -31,7 +31,9 @@ _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.
                       operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
                       torch.fx._symbolic_trace._assert_is_none,
                       # padding: the padded positions are constants, the rest moves
-                      F.pad, F.unfold}
+                      F.pad, F.unfold,
+                      # the k largest values (a router's choice of experts) take their relevance
+                      torch.topk}
 #: functions whose first argument a parameter may pass through and still only move
 ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
 ROUTING_METHODS = frozenset(_ROUTING_METHODS)

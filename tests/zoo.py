@@ -288,10 +288,9 @@ class Recorder:
                         if isinstance(m, lrpx.layers.Twin)]
         self.handles += [m.register_forward_pre_hook(self._keep_kwargs, with_kwargs=True) for m in model.modules()
                          if isinstance(m, lrpx.layers.ScaledDotProductAttention)]
-        self._patched = {"lrp_apply": lrpx.oplevel.lrp_apply, "lrp_softmax": lrpx.oplevel.lrp_softmax,
+        self._patched = {"lrp_apply": lrpx.oplevel.lrp_apply,
                          "ScaledDotProductAttention": lrpx.oplevel.ScaledDotProductAttention}
         lrpx.oplevel.lrp_apply = self._op(lrpx.oplevel.lrp_apply)
-        lrpx.oplevel.lrp_softmax = self._softmax
         lrpx.oplevel.ScaledDotProductAttention = self._attention
 
     def _op(self, apply):
@@ -301,11 +300,6 @@ class Recorder:
             self._record_op(ops, rule, inputs, out, weight, bias)
             return out
         return recorded
-
-    def _softmax(self, x, dim, rule):
-        out = self._patched["lrp_softmax"](x, dim, rule)
-        self._record_op(lrpx.ops.SoftmaxOps(dim), rule, (x,), out, None, None)
-        return out
 
     def _attention(self, rule):
         m = self._patched["ScaledDotProductAttention"](rule)

@@ -64,12 +64,12 @@ def load_text_model(name: str):
 
 
 def convert_text_model(model: nn.Module) -> nn.Module:
-    """``lrpx.convert`` of a language model; its embeddings stay as they are (the token
-    embeddings are computed outside the explained forward, position embeddings act as biases)."""
+    """``lrpx.convert`` of a language model (the token embeddings are computed outside the
+    explained forward, position embeddings absorb relevance like biases)."""
     from .. import Composite, UnsupportedModuleError, convert
 
     try:
-        return convert(model, Composite(), twins={nn.Embedding: None})
+        return convert(model, Composite())
     except UnsupportedModuleError as error:
         lines = [line.strip() for line in str(error).splitlines()[1:] if line.startswith("  ")]
         raise UsageError(f"lrpx cannot convert {type(model).__name__} yet; no LRP rule for: {'; '.join(lines[:6])}"

@@ -18,6 +18,8 @@ from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, 
 from .attention import ATTENTION_TWINS, ScaledDotProductAttention
 from .base import Twin, copy_hooks, has_hooks
 from .detection import DETECTION_KEPT, DETECTION_TWINS
+from .embedding import LRPEmbedding
+from .external import external_twins
 from .merge import Add, Matmul, Normalize, Product, WeightMatmul
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
@@ -25,7 +27,8 @@ from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdap
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
-__all__ = ["Twin", "Add", "Mean", "Sum", "Product", "Matmul", "WeightMatmul", "Normalize", "ScaledDotProductAttention", "Interpolate",
+__all__ = ["Twin", "LRPEmbedding", "external_twins", "Add", "Mean", "Sum", "Product", "Matmul", "WeightMatmul",
+           "Normalize", "ScaledDotProductAttention", "Interpolate",
            "FusedReLU", "twin", "default_twins", "registry", "kind_of", "inherited", "batchnorm_affine",
            "copy_hooks", "has_hooks", "WEIGHTED", "CONVOLUTIONS", "BATCHNORMS", "POOLS", "KEPT", "SIGN_KEEPING",
            "ACTIVATIONS", "NONNEGATIVE_ACTIVATIONS"]
@@ -59,6 +62,7 @@ KEPT = SIGN_KEEPING + _CONSTANT_PADS
 
 _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     nn.Linear: LRPLinear,
+    nn.Embedding: LRPEmbedding,
     nn.Conv1d: LRPConv1d,
     nn.Conv2d: LRPConv2d,
     nn.Conv3d: LRPConv3d,
@@ -104,6 +108,8 @@ def registry(twins: dict[type[nn.Module], type[nn.Module] | None] | None = None,
     kind of layer and can be built ``from_module``), and, given a ``model``, with the subclasses
     it uses that compute what a registered class computes (see :func:`inherited`)."""
     merged = default_twins()
+    if model is not None:  # element-wise activations of other libraries (lrpx.layers.external)
+        merged.update(external_twins(model))
     for cls, twin_cls in (twins or {}).items():
         if twin_cls is not None and (not isinstance(twin_cls, type) or not issubclass(twin_cls, Twin)):
             raise TypeError(f"twins[{cls.__name__}] must be a subclass of lrpx.layers.Twin (or None to keep the "

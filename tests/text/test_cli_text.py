@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import lrpx
 import lrpx.cli.text as cli_text
 from lrpx.cli import main
 from toy_lm import BagClassifier, BagLM
@@ -120,8 +121,8 @@ def tiny_gpt2(tmp_path_factory):
 
 
 def test_saved_gpt2_loads_and_writes(tiny_gpt2, monkeypatch, capsys, tmp_path):
-    # convert has no rules for GPT-2 yet: the plain model (gradient x logit) stands in, which is
-    # enough for loading, tokenising and writing from a save_pretrained folder
+    # the plain model (gradient x logit) stands in for the converted one: this checks loading,
+    # tokenising and writing from a save_pretrained folder
     monkeypatch.setattr(cli_text, "convert_text_model", lambda model: model)
     code, _, err = run(capsys, "--model", tiny_gpt2, "--text", "the dog sat", "--out", tmp_path)
     assert code == 0, err
@@ -139,10 +140,12 @@ def test_missing_model_folder(capsys, tmp_path):
     assert code == 2 and "cannot load model" in err
 
 
-def test_saved_gpt2_converts_or_names_what_is_missing(tiny_gpt2, capsys, tmp_path):
+def test_saved_gpt2_is_converted_and_explained(tiny_gpt2, capsys, tmp_path):
     code, _, err = run(capsys, "--model", tiny_gpt2, "--text", "the dog sat", "--out", tmp_path)
-    if code != 0:  # today: convert has no rules for GPT-2's Conv1D layers and GELU
-        assert code == 2 and "lrpx cannot convert GPT2LMHeadModel yet; no LRP rule for: " in err and "Conv1D" in err
-        assert not (tmp_path / "relevance.json").exists()
-        pytest.xfail("lrpx.convert has no rules for GPT-2's Conv1D layers, attention and GELU yet")
-    assert json.loads((tmp_path / "relevance.json").read_text())["ids"] == [3, 9, 5]
+    assert code == 0, err
+    record = json.loads((tmp_path / "relevance.json").read_text())
+    assert record["ids"] == [3, 9, 5]
+    model = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    expected = lrpx.explain_tokens(lrpx.convert(model), torch.tensor([[3, 9, 5]]))
+    assert record["relevance"] == pytest.approx(expected.relevance[0].tolist(), rel=1e-5, abs=1e-7)
+    assert record["logit"] == pytest.approx(float(expected.logits[0, -1].max()), rel=1e-5)

@@ -1,0 +1,265 @@
+"""Tiny random-weight Hugging Face transformers models, and an account of the relevance every
+LRP operation absorbs, written out from the rules' definitions (docs/rules.md, AttnLRP).
+
+``tests/zoo.py``'s ``Recorder`` sees the twins (modules); models whose forward code takes its
+rules at run time apply them through operations, not modules. :class:`OpRecorder` records
+every call of the one autograd Function of lrpx instead (and the score bias of attention), so
+it sees both.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lrpx
+from lrpx import ops
+from lrpx.core import LRPFunction
+from lrpx.layers import attention as attention_layers
+
+transformers = __import__("pytest").importorskip("transformers")
+
+VOCAB = 100
+
+
+def sign0(z):
+    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def stab(z, e):
+    return z + e * sign0(z)
+
+
+def _decoder(config_cls, **extra):
+    def build(attn: str):
+        config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            pad_token_id=0, **extra)
+        config._attn_implementation = attn
+        if hasattr(config, "_experts_implementation"):  # the loop over experts (grouped_mm has no float64)
+            config._experts_implementation = "eager"
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    return build
+
+
+def _gpt2(attn: str):
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    config._attn_implementation = attn
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+
+
+def _encoder(config_cls, **extra):
+    def build(attn: str):
+        config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+                            **extra)
+        config._attn_implementation = attn
+        return transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float64)
+    return build
+
+
+def _distilbert(attn: str):
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                                           max_position_embeddings=64, num_labels=3, pad_token_id=0)
+    config._attn_implementation = attn
+    return transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float64)
+
+
+def _vision(config_cls, auto, **extra):
+    def build(attn: str):
+        config = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, num_channels=3, **extra)
+        config._attn_implementation = attn
+        return auto.from_config(config, dtype=torch.float64) if hasattr(auto, "from_config") else auto(config).double()
+    return build
+
+
+def families() -> dict:
+    """``{name: (builder(attn) -> model, kind, attention implementations)}``; kind is "causal",
+    "encoder" or "vision"."""
+    t = transformers
+    both = ("eager", "sdpa")
+    found = {
+        "llama": (_decoder(t.LlamaConfig), "causal", both),
+        "mistral": (_decoder(t.MistralConfig, sliding_window=None), "causal", both),
+        "qwen2": (_decoder(t.Qwen2Config), "causal", both),
+        "qwen3": (_decoder(t.Qwen3Config, head_dim=8), "causal", both),
+        "qwen3_moe": (_decoder(t.Qwen3MoeConfig, head_dim=8, moe_intermediate_size=32, num_experts=4,
+                               num_experts_per_tok=2, decoder_sparse_step=1), "causal", both),
+        # transformers refuses sdpa for Gemma 2 itself
+        "gemma2": (_decoder(t.Gemma2Config, head_dim=8, sliding_window=16), "causal", ("eager",)),
+        "gemma3": (_decoder(t.Gemma3TextConfig, head_dim=8, sliding_window=16), "causal", both),
+        "phi3": (_decoder(t.Phi3Config), "causal", both),
+        "gpt2": (_gpt2, "causal", both),
+        "bert": (_encoder(t.BertConfig), "encoder", both),
+        "roberta": (_encoder(t.RobertaConfig), "encoder", both),
+        "distilbert": (_distilbert, "encoder", both),
+        "vit": (_vision(t.ViTConfig, t.ViTForImageClassification, num_labels=3), "vision", both),
+        "deit": (_vision(t.DeiTConfig, t.DeiTForImageClassification, num_labels=3), "vision", both),
+        "clip_vision": (_vision(t.CLIPVisionConfig, t.CLIPVisionModel), "vision", both),
+    }
+    return found
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero biases and norm weights away from 1 (Hugging Face initialises biases to 0 and
+    norm weights to 1 or 0, which hides bias and scaling errors); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+            elif "norm" in name.lower() and p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return model.eval()
+
+
+class OpRecorder:
+    """Records every LRP operation (``LRPFunction`` calls and the score bias of attention):
+    its description, rule, inputs, output, whether each input carries relevance, and the
+    relevance that reaches its output. ``total_absorbed()`` sums what each gives to nothing
+    that carries relevance, from the rule's definition. A context manager."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __enter__(self):
+        original = LRPFunction.apply  # Function.apply, bound to LRPFunction
+        self._biased = attention_layers._biased
+        recorder = self
+
+        def apply(layer, rule, relu, weight, bias, *inputs):
+            output = original(layer, rule, relu, weight, bias, *inputs)
+            recorder._record("op", layer, rule, inputs, output, weight, bias)
+            return output
+
+        def biased(scores, bias, epsilon):
+            output = recorder._biased(scores, bias, epsilon)
+            recorder._record("biased", None, epsilon, (scores, bias), output, None, None)
+            return output
+
+        LRPFunction.apply = staticmethod(apply)
+        attention_layers._biased = biased
+        return self
+
+    def __exit__(self, *exc):
+        del LRPFunction.apply  # Function.apply again
+        attention_layers._biased = self._biased
+        return False
+
+    def _record(self, what, layer, rule, inputs, output, weight, bias):
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        entry = {"what": what, "layer": layer, "rule": rule, "inputs": tuple(t.detach() for t in inputs),
+                 "carries": tuple(t.requires_grad for t in inputs), "output": output.detach(), "relevance": None,
+                 "weight": None if weight is None else weight.detach(), "bias": None if bias is None else bias.detach()}
+        self.calls.append(entry)
+        output.register_hook(lambda grad, e=entry: e.__setitem__("relevance", grad))
+
+    def total_absorbed(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for c in self.calls:
+            if c["relevance"] is not None:
+                total = total + absorbed(c).double()
+        return total
+
+
+def absorbed(c: dict) -> torch.Tensor:
+    """Sum of a call's output relevance minus the relevance its rule gives to the inputs that
+    carry relevance, from the rules' definitions."""
+    R, z, layer, rule = c["relevance"].double(), c["output"].double(), c["layer"], c["rule"]
+    xs = [t.double() for t in c["inputs"]]
+    carries = c["carries"]
+    if c["what"] == "biased":  # scores + bias: the scores take s R / stab(s + b) where b != 0
+        scores, bias = xs
+        share = torch.where(bias == 0, 1.0, scores / stab(z, rule)).to(R.dtype)
+        return R.sum() - (R * share).sum()
+    if isinstance(layer, ops.ElementwiseOps):
+        return R.sum() * 0
+    if isinstance(layer, (ops.LinearOps, ops.ConvOps)) and isinstance(rule, lrpx.rules.Epsilon):
+        b = 0 if c["bias"] is None else c["bias"].double()
+        if isinstance(layer, ops.ConvOps) and c["bias"] is not None:
+            b = b.view(1, -1, *([1] * (z.dim() - 2)))
+        return R.sum() - (R * (z - b) / stab(z, rule.epsilon)).sum()
+    if isinstance(layer, ops.SumOps):
+        share = R / stab(z, rule.epsilon)
+        return R.sum() - sum((x * share).sum() for x, k in zip(xs, carries) if k)
+    if isinstance(layer, ops.IndexAddOps):  # base + source placed at index: in proportion
+        share = R / stab(z, rule.epsilon)
+        parts = (xs[0] * share, xs[1] * share.index_select(layer.dim, layer.index))
+        return R.sum() - sum(p.sum() for p, k in zip(parts, carries) if k)
+    if isinstance(layer, ops.MeanOps):  # a linear map without bias: sum_i x_i ds/dx_i = z
+        return R.sum() - (R * z / stab(z, rule.epsilon)).sum()
+    if isinstance(layer, ops.ProductOps):  # all to the signal, or half each
+        if layer.signal is not None:
+            return R.sum() * (0 if carries[layer.signal] else 1)
+        return R.sum() * sum(0.5 for k in carries if not k)
+    if isinstance(layer, ops.MatmulOps):
+        a, b = xs
+        S = R / stab(2 * z, rule.epsilon)
+        r_a = a * (S @ b.transpose(-2, -1))
+        r_b = b * (a.transpose(-2, -1) @ S)
+        return R.sum() - sum(r.sum() for r, k in zip((r_a, r_b), carries) if k)
+    if isinstance(layer, ops.SoftmaxOps):
+        (x,) = xs
+        r_x = x * (R - z * R.sum(layer.dim, keepdim=True))
+        return R.sum() - torch.where(torch.isinf(x), 0.0, r_x).sum()
+    if isinstance(layer, ops.LayerNormOps):
+        (x,) = xs
+        dims = tuple(range(-len(layer.normalized_shape), 0))
+        c_ = x - x.mean(dims, keepdim=True)
+        b = 0 if c["bias"] is None else c["bias"].double()
+        r_n = (z - b) * R / stab(z, rule.epsilon)
+        return R.sum() - (r_n * c_ / stab(c_, rule.epsilon)).sum()
+    raise NotImplementedError(type(layer))
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """The cached keys and values of a transformers cache, made leaves that require grad (in
+    place), so that the relevance they receive can be read."""
+    found = []
+    for layer in cache.layers:
+        for attr in ("keys", "values"):
+            t = getattr(layer, attr, None)
+            if isinstance(t, torch.Tensor):
+                t = t.detach().requires_grad_()
+                setattr(layer, attr, t)
+                found.append(t)
+    return found
+
+
+def explain_tokens(lrp: nn.Module, input_ids, attention_mask=None, position: int = -1, extra=(), **kwargs):
+    """(relevance of the input embeddings, explained logit sum, absorbed relevance) of the
+    top logit at ``position`` (causal models) or of the class logits (sequence classifiers),
+    by the contract of lrpx's token explanations: embeddings looked up, passed as
+    ``inputs_embeds``; grad_outputs the logit value, one-hot. The relevance that reaches the
+    tensors ``extra`` (a cache's keys and values) counts as absorbed."""
+    embeds = lrp.get_input_embeddings()(input_ids).detach().requires_grad_()
+    with OpRecorder() as rec:
+        logits = lrp(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).logits
+    y = logits[:, position] if logits.dim() == 3 else logits
+    rows = torch.arange(len(y))
+    target = y.detach().argmax(-1)
+    grad = torch.zeros_like(y)
+    grad[rows, target] = y.detach()[rows, target]
+    params = [p for p in lrp.parameters() if p.requires_grad] + list(extra)
+    rel, *param_rel = torch.autograd.grad(y, [embeds] + params, grad, allow_unused=True)
+    by_parameters = sum((g.double().sum() for g in param_rel if g is not None), torch.zeros((), dtype=torch.float64))
+    return rel, grad.sum(), rec.total_absorbed() + by_parameters
+
+
+def explain_pixels(lrp: nn.Module, pixels):
+    """(relevance of the pixels, explained logit sum, absorbed relevance) of the top class or,
+    for a model without classes, of the sum of the pooled output."""
+    x = pixels.clone().requires_grad_()
+    with OpRecorder() as rec:
+        out = lrp(pixel_values=x)
+    y = out.logits if hasattr(out, "logits") and out.logits is not None else out.pooler_output
+    rows = torch.arange(len(y))
+    target = y.detach().argmax(-1)
+    grad = torch.zeros_like(y)
+    grad[rows, target] = y.detach()[rows, target]
+    params = [p for p in lrp.parameters() if p.requires_grad]
+    rel, *param_rel = torch.autograd.grad(y, [x] + params, grad, allow_unused=True)
+    by_parameters = sum((g.double().sum() for g in param_rel if g is not None), torch.zeros((), dtype=torch.float64))
+    return rel, grad.sum(), rec.total_absorbed() + by_parameters
