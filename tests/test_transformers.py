@@ -217,3 +217,15 @@ def test_gradient_checkpointing_gives_the_same_relevance(name):
     assert len(calls) == 2  # once in forward, once more in backward
     torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
     assert all(p.grad is None for p in lrp.parameters())
+
+
+@pytest.mark.slow
+def test_readme_table_is_current():
+    from pathlib import Path
+
+    from transformers_table import END, START, table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    stored = readme.split(START)[1].split(END)[0].strip()
+    assert stored == table(list(FAMILIES)), \
+        "README.md's transformers table is out of date: run python tests/transformers_table.py --write README.md"

@@ -1,7 +1,7 @@
-"""The per-family table of docs/transformers.md: Hugging Face transformers models under lrpx.convert.
+"""The README's per-family table of Hugging Face transformers models under lrpx.convert.
 
     python tests/transformers_table.py                              # print the table
-    python tests/transformers_table.py --write docs/transformers.md # replace the table there
+    python tests/transformers_table.py --write README.md            # replace the table there
     python tests/transformers_table.py --families llama gpt2        # only these (printed)
 
 For each family and attention implementation (tiny config, float64, random weights with
