@@ -1,0 +1,151 @@
+"""Token relevance of a Llama-shaped language model against the embedding gradient, one run.
+
+    python benchmarks/bench_text.py --layers 4 --hidden 256 --tokens 512 --threads 2
+    python benchmarks/bench_text.py --device cuda --dtype bfloat16 --layers 16 --hidden 2048 --tokens 4096
+
+The model is ``transformers``' Llama built from a config (random weights, ``sdpa`` attention,
+grouped-query attention with half as many key/value heads, intermediate size 8/3 of the hidden
+size, vocabulary 32000). One sequence of ``--tokens`` random ids; the explained score is the top
+logit at the last position. Two methods, timed interleaved round by round (medians after a
+warm-up): the plain gradient of that logit with respect to the input embeddings in the original
+model (``embedding gradient``), and ``lrpx.explain_tokens`` on the converted model (its forward
+and backward). Peak memory: on the GPU the allocator's peak of one call; on the CPU the peak
+resident memory of one call above the resident memory before it, in a fresh process per method
+(the second call, with an allocator that hands large blocks back at once).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import lrpx
+
+
+def build(layers: int, hidden: int, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(hidden // 64, 2)
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=32000,
+                         max_position_embeddings=65536)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().to(device, dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def steps(model, ids: torch.Tensor) -> dict:
+    lrp = lrpx.convert(model)
+
+    def gradient():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=embeds).logits[:, -1]
+        return torch.autograd.grad(logits.max(-1).values.sum(), embeds)[0]
+
+    def explain():
+        return lrpx.explain_tokens(lrp, ids).relevance
+
+    return {"embedding gradient": gradient, "lrpx explain_tokens": explain}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(calls: dict, device: torch.device, repeat: int) -> dict:
+    for fn in calls.values():  # warm-up
+        fn()
+    times = {k: [] for k in calls}
+    for _ in range(repeat):
+        for k, fn in calls.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gpu_peak(fn, device: torch.device) -> float:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _rss(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+
+def cpu_peak(args: argparse.Namespace, method: str) -> float | None:
+    """Peak resident memory (MiB) of one call of ``method`` in a fresh process."""
+    command = [sys.executable, __file__, "--child", method, "--layers", str(args.layers), "--hidden",
+               str(args.hidden), "--tokens", str(args.tokens), "--threads", str(args.threads), "--dtype", args.dtype]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return float(done.stdout.split()[-1])
+
+
+def child(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    model = build(args.layers, args.hidden, dtype, torch.device("cpu"))
+    ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    fn = steps(model, ids)[args.child]
+    fn()  # one-time initialisations are not the call's memory
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from the current resident memory
+    base = _rss("VmRSS")
+    fn()
+    print(_rss("VmHWM") - base)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if args.child:
+        return child(args, dtype)
+    device = torch.device(args.device)
+    model = build(args.layers, args.hidden, dtype, device)
+    ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1), device=device)
+    calls = steps(model, ids)
+    times = timed(calls, device, args.repeat)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device={device} ({where}) dtype={args.dtype} threads={args.threads} torch={torch.__version__} "
+          f"llama layers={args.layers} hidden={args.hidden} tokens={args.tokens} repeat={args.repeat} (median)")
+    print("| method | time (ms) | ratio | peak memory (MiB) | memory ratio |")
+    print("|---|---|---|---|---|")
+    memory = {k: gpu_peak(fn, device) if device.type == "cuda" else cpu_peak(args, k) for k, fn in calls.items()}
+    base_t, base_m = times["embedding gradient"], memory["embedding gradient"]
+    for k, t in times.items():
+        m = memory[k]
+        ratio = "-" if m is None or not base_m else f"{m / base_m:.2f}"
+        print(f"| {k} | {1000 * t:.1f} | {t / base_t:.2f} | {'-' if m is None else f'{m:.0f}'} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
