@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_",
+__all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_", "batched",
            "positive", "negative", "nonnegative_number", "is_nonnegative"]
 
 #: the kinds of layer, each with its primitives (``docs/rules.md``):
@@ -64,8 +64,8 @@ def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor, scale: float =
     """``scale * relevance / stabilize(z, epsilon)``, written into the denominator's buffer
     (the scale divides the denominator: no extra pass)."""
     den = stabilize(z, epsilon, scale)
-    if den.shape != relevance.shape:  # a denominator shared by the batch (Flat, WSquare)
-        return relevance / den
+    if den.shape != relevance.shape or batched(relevance):  # a denominator shared by the batch (Flat,
+        return relevance / den  # WSquare) or by the rows of a batched backward
     return torch.div(relevance, den, out=den)
 
 
@@ -73,13 +73,28 @@ def divide_after_relu(relevance: Tensor, output: Tensor, epsilon: float) -> Tens
     """``relevance / stabilize(output, epsilon)`` for ``output = relu(z) >= 0`` (a fused ReLU),
     where that is ``output + epsilon``; 0 at dead units (``output == 0``)."""
     s = output + epsilon
+    if batched(relevance):
+        return relu_mask_(relevance / s, output)
     return relu_mask_(torch.div(relevance, s, out=s), output)
 
 
 def relu_mask_(s: Tensor, output: Tensor) -> Tensor:
-    """``s`` set to 0 in place where ``output <= 0`` (ReLU's backward kernel: one pass, no
-    boolean mask in memory)."""
+    """``s`` set to 0 where ``output <= 0``: in place (ReLU's backward kernel: one pass, no
+    boolean mask in memory), or out of place for the rows of a batched backward pass (use the
+    result)."""
+    if batched(s):
+        return torch.where(output <= 0, 0.0, s)
     return torch.ops.aten.threshold_backward.grad_input(s, output, 0, grad_input=s)
+
+
+def batched(relevance: Tensor) -> bool:
+    """Whether ``relevance`` holds many rows of one batched backward pass
+    (``torch.autograd.grad(..., is_grads_batched=True)`` or ``torch.func.vmap``): the rows
+    share the saved forward tensors, so nothing may be written into those."""
+    if compiling():
+        return False
+    functorch = torch._C._functorch
+    return functorch.is_legacy_batchedtensor(relevance) or functorch.is_batchedtensor(relevance)
 
 
 def nonnegative_number(name: str, value: float) -> float:
