@@ -186,3 +186,17 @@ def test_batched_backward_rows_equal_rows_one_by_one(name):
     torch.testing.assert_close(functional, one_by_one, rtol=1e-12, atol=1e-14 * scale)
     # nothing the rules saved was changed by the batched passes
     torch.testing.assert_close(torch.autograd.grad(out, x, rows[0])[0], one_by_one[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_vmap_over_samples_of_the_forward_and_its_relevance(name):
+    """``torch.func.vmap`` of ``torch.func.grad`` over the samples: each row the forward and the
+    relevance of one sample (the Functions' generated vmap rules), equal to the batch's."""
+    model, composite, shape = MODELS[name]
+    lrp = lrpx.convert(model, composite)
+    torch.manual_seed(2)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = lrp(x)
+    (batch,) = torch.autograd.grad(out[:, 1].sum(), x)
+    per_sample = torch.func.vmap(torch.func.grad(lambda sample: lrp(sample[None])[0, 1]))(x.detach())
+    torch.testing.assert_close(per_sample, batch, rtol=1e-10, atol=1e-13 * batch.abs().max())

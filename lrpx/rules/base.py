@@ -64,7 +64,7 @@ def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor, scale: float =
     """``scale * relevance / stabilize(z, epsilon)``, written into the denominator's buffer
     (the scale divides the denominator: no extra pass)."""
     den = stabilize(z, epsilon, scale)
-    if den.shape != relevance.shape or batched(relevance):  # a denominator shared by the batch (Flat,
+    if den.shape != relevance.shape or batched(relevance, den):  # a denominator shared by the batch (Flat,
         return relevance / den  # WSquare) or by the rows of a batched backward
     return torch.div(relevance, den, out=den)
 
@@ -73,7 +73,7 @@ def divide_after_relu(relevance: Tensor, output: Tensor, epsilon: float) -> Tens
     """``relevance / stabilize(output, epsilon)`` for ``output = relu(z) >= 0`` (a fused ReLU),
     where that is ``output + epsilon``; 0 at dead units (``output == 0``)."""
     s = output + epsilon
-    if batched(relevance):
+    if batched(relevance, s):
         return relu_mask_(relevance / s, output)
     return relu_mask_(torch.div(relevance, s, out=s), output)
 
@@ -82,19 +82,20 @@ def relu_mask_(s: Tensor, output: Tensor) -> Tensor:
     """``s`` set to 0 where ``output <= 0``: in place (ReLU's backward kernel: one pass, no
     boolean mask in memory), or out of place for the rows of a batched backward pass (use the
     result)."""
-    if batched(s):
+    if batched(s, output):
         return torch.where(output <= 0, 0.0, s)
     return torch.ops.aten.threshold_backward.grad_input(s, output, 0, grad_input=s)
 
 
-def batched(relevance: Tensor) -> bool:
-    """Whether ``relevance`` holds many rows of one batched backward pass
-    (``torch.autograd.grad(..., is_grads_batched=True)`` or ``torch.func.vmap``): the rows
-    share the saved forward tensors, so nothing may be written into those."""
+def batched(*tensors: Tensor) -> bool:
+    """Whether any of ``tensors`` holds many rows of a batched computation
+    (``torch.autograd.grad(..., is_grads_batched=True)``, or a tensor of a ``torch.func``
+    transform such as ``vmap``): rows that share a tensor cannot be written into it, so the
+    rules compute out of place there."""
     if compiling():
         return False
     functorch = torch._C._functorch
-    return functorch.is_legacy_batchedtensor(relevance) or functorch.is_batchedtensor(relevance)
+    return any(functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def nonnegative_number(name: str, value: float) -> float:
@@ -119,12 +120,13 @@ def is_nonnegative(t: Tensor, layer: Layer) -> bool:
     """Whether every entry of a layer input is ``>= 0`` (inputs after a ReLU take the cheap
     forms): known from the model when ``layer.input_nonnegative`` (no look at the data);
     otherwise checked on the CPU. On other devices (where reading the data would make the host
-    wait for the device) and under ``torch.compile`` an unknown input counts as signed: the
+    wait for the device), under ``torch.compile`` and in ``torch.func`` transforms (``vmap``
+    over samples) an unknown input counts as signed: the
     general forms, which give the same relevance for non-negative data, with no
     synchronisation and no graph break."""
     if layer.input_nonnegative:
         return True
-    if t.device.type != "cpu" or compiling():
+    if t.device.type != "cpu" or compiling() or batched(t):
         return False
     return bool(t.min() >= 0) if t.numel() else True
 

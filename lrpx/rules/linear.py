@@ -209,8 +209,8 @@ class Gamma(Rule):
         g = self.gamma
         p = torch.add(weight, positive(weight), alpha=g)
         z_p = layer.forward(input, p, None if bias is None else torch.add(bias, positive(bias), alpha=g))
-        s_p = z_p.clamp_(min=0).add_(self.epsilon)
-        s_p = relu_mask_(relevance / s_p if batched(relevance) else torch.div(relevance, s_p, out=s_p), output)
+        s_p = (z_p.clamp(min=0) if batched(z_p) else z_p.clamp_(min=0)).add_(self.epsilon)
+        s_p = relu_mask_(relevance / s_p if batched(relevance, s_p) else torch.div(relevance, s_p, out=s_p), output)
         return layer.vjp(s_p, p, input).mul_(input)
 
     def _nonnegative(self, layer, relevance, x, weight, bias, z):
@@ -228,7 +228,7 @@ class Gamma(Rule):
         del v
         g_plus = layer.vjp(s_delta, w_pos, x)
         # [s_p + (1 + g) s_n; (1 + g) s_p + s_n], both halves through one VJP
-        if batched(s_delta):
+        if batched(s_delta, sign):
             s_mixes = torch.cat([_mix(s_delta, sign, -g / 2, 1 + g / 2), _mix(s_delta, sign, g / 2, 1 + g / 2)])
         else:
             s_mixes = torch.cat([torch.mul(s_delta, -g / 2), torch.mul(s_delta, g / 2)])
@@ -240,9 +240,12 @@ class Gamma(Rule):
     def _quotient(self, relevance: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``(s_delta, sign(z))``: ``s_delta = s_p - s_n = sign(z) R / stab(z_gamma)``; frees ``v``."""
         sign = torch.sign(z)
-        z_gamma = z.clamp(max=0).addcmul_(sign, v)
+        if batched(z, v):  # the samples of a torch.func transform: out of place
+            z_gamma = torch.add(z, torch.addcmul(z.clamp(max=0), sign, v), alpha=self.gamma)
+        else:
+            z_gamma = z.clamp(max=0).addcmul_(sign, v)
+            z_gamma = torch.add(z, z_gamma, alpha=self.gamma, out=z_gamma)
         del v
-        z_gamma = torch.add(z, z_gamma, alpha=self.gamma, out=z_gamma)
         s_delta = divide(relevance, z_gamma, self.epsilon).mul_(sign)
         if self.epsilon == 0:  # 0/0 where z_gamma = z = 0 (every dead unit after a fused ReLU)
             s_delta.masked_fill_(sign == 0, 0.0)
@@ -252,7 +255,7 @@ class Gamma(Rule):
 def _mix(s: Tensor, sign: Tensor, offset: float, slope: float) -> Tensor:
     """``s * (offset + slope * sign)``, in the buffer of the first product (a new tensor for
     the rows of a batched backward pass, where in-place ``addcmul_`` has no batched kernel)."""
-    if batched(s):
+    if batched(s, sign):
         return torch.addcmul(s * offset, sign, s, value=slope)
     return torch.mul(s, offset).addcmul_(sign, s, value=slope)
 
