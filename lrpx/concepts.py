@@ -182,9 +182,12 @@ def _one_forward(lrp_model: nn.Module, x: Tensor, target, conditions: tuple, rec
                      for i in range(0, count, step)]
         except RuntimeError as err:  # an operation in the graph without a batched backward
             return f"a batched backward pass over the conditions failed ({err})"
-    relevance = torch.cat([p[0] for p in parts]).transpose(0, 1)
-    recorded = {name: torch.cat([p[1][name] if name in p[1] else torch.zeros_like(probes.outputs[name]).expand(
-        len(p[0]), *probes.outputs[name].shape) for p in parts]).transpose(0, 1) for name in sorted(record)}
+    relevance = torch.cat([p[0] for p in parts]).transpose(0, 1).contiguous()
+    recorded = {}
+    for name in sorted(record):
+        none = torch.zeros_like(probes.outputs[name])  # no relevance reached the module
+        rows = [p[1][name] if name in p[1] else none.expand(len(p[0]), *none.shape) for p in parts]
+        recorded[name] = torch.cat(rows).transpose(0, 1).contiguous()
     probes.kept = {name: torch.cat([p[2][name] for p in parts]).transpose(0, 1).reshape(-1) for name in parts[0][2]}
     _warn_unreached(probes, layers, conditions, batch)
     return ConceptAttribution(relevance, recorded, out.detach(), classes, conditions)
@@ -202,7 +205,7 @@ def _batched_backward(out: Tensor, inputs: Tensor, r_out: Tensor, probes: Probes
         probes.row_masks.clear()
         probes.row_masks.update(zip(names, row_masks))
         (relevance,) = torch.autograd.grad(out, inputs, grad_outputs=r, retain_graph=retain)
-        recorded = {name: r for name, r in probes.relevance.items() if name in probes.record}
+        recorded = {name: value for name, value in probes.relevance.items() if name in probes.record}
         return relevance, recorded, dict(probes.kept)
 
     try:

@@ -12,8 +12,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_", "batched",
-           "positive", "negative", "nonnegative_number", "is_nonnegative"]
+__all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_",
+           "batched", "positive", "negative", "nonnegative_number", "is_nonnegative"]
 
 #: the kinds of layer, each with its primitives (``docs/rules.md``):
 #:
