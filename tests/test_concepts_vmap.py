@@ -200,3 +200,27 @@ def test_vmap_over_samples_of_the_forward_and_its_relevance(name):
     (batch,) = torch.autograd.grad(out[:, 1].sum(), x)
     per_sample = torch.func.vmap(torch.func.grad(lambda sample: lrp(sample[None])[0, 1]))(x.detach())
     torch.testing.assert_close(per_sample, batch, rtol=1e-10, atol=1e-13 * batch.abs().max())
+
+
+class HostGradient(lrpx.rules.Rule):
+    """The gradient through a Linear layer, after a look at the relevance on the host (which
+    the rows of a batched pass cannot give)."""
+
+    saves = ("input", "weight")
+
+    def relevance(self, layer, relevance, input, weight, bias, output):
+        if bool((relevance == 0).all()):
+            return torch.zeros_like(input)
+        return layer.vjp(relevance, weight, input)
+
+
+def test_a_rule_that_reads_the_relevance_on_the_host_takes_the_repeated_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
+    lrp = lrpx.convert(model, lrpx.Composite(rules=[(nn.Linear, HostGradient())]))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="repeats the input once per condition: a batched backward pass over the "
+                                         "conditions failed"):
+        result = concepts.attribute(lrp, x, 2, conditions=[{"0": [c]} for c in range(4)])
+    plain = lrpx.explain(lrp, x, 2).relevance
+    torch.testing.assert_close(result.relevance.sum(1), plain, rtol=1e-10, atol=1e-14)

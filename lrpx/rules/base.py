@@ -181,6 +181,13 @@ class Rule(metaclass=_Frozen):
         rule's relevance at units with ``z <= 0`` does not matter, since none reaches them.
     ``epsilon``
         The stabilizer, ``1e-6`` unless the rule sets its own.
+
+    :meth:`relevance` may receive the rows of a batched backward pass over one forward
+    (:func:`lrpx.concepts.attribute` runs ``torch.func.vmap`` over the relevance at the
+    output): there it writes into no saved tensor in place (:func:`batched` tells), reads no
+    value of the relevance on the host (``.item()``, ``bool(...)``) and branches in Python on
+    the saved tensors only. A rule that does not would make ``attribute`` fall back to one
+    forward pass per batch of conditions (with a warning).
     """
 
     saves: tuple[str, ...] = ("input", "weight", "bias", "output")
