@@ -4,7 +4,7 @@
 
 ``--conditions`` heatmaps of one ``--size`` image, each keeping one channel of ``--layer``
 (the channels with the most relevance), with ``epsilon_plus`` (zennit: ``EpsilonPlus``): lrpx's
-``lrpx.concepts.attribute`` (every condition one row of one batched forward and backward)
+``lrpx.concepts.attribute`` (one forward, every condition one row of a batched backward)
 against zennit-crp's ``CondAttribution`` with the same conditions in one call, interleaved,
 medians after a warm-up; the time of one plain explanation is the baseline. Random weights,
 float32. Also prints how far the two heatmaps are apart.

@@ -4,8 +4,8 @@ human-understandable explanations through Concept Relevance Propagation", Nature
 Intelligence).
 
 * :func:`attribute`: conditional relevance. Each *condition* keeps, at one or more layers, only
-  the relevance of chosen channels on its way down; every condition is one row of one batched
-  backward pass (the input is repeated along the batch).
+  the relevance of chosen channels on its way down; one forward pass of the inputs, and every
+  condition one row of a batched backward pass over it.
 * :func:`channel_relevance`, :func:`top_concepts`: the relevance of each channel of a layer,
   and the channels that carry most of a prediction.
 * :func:`sub_concepts`: the relevance that flows from one channel of a layer to the channels
@@ -86,13 +86,24 @@ def attribute(lrp_model: nn.Module, x: Tensor, target=None, *, conditions: Seque
     initial
         ``"logit"`` or ``"one_hot"``, as for :func:`lrpx.explain`.
     batch_size
-        Rows (input x condition) per forward and backward pass; the conditions of one input
-        run in passes of this many rows (8 is faster than 32 at once on a CPU: the
-        activations stay in the caches).
+        Rows (input x condition) per backward pass: the conditions run in passes of
+        ``batch_size // B`` rows (at least one).
 
     Returns
     -------
     ConceptAttribution
+
+    Notes
+    -----
+    The rules are linear in the relevance that arrives at a layer once the forward pass is
+    fixed, so the model runs forward once on ``x``, and each condition is one row of a batched
+    backward pass over that forward (``torch.func.vmap`` of ``torch.autograd.grad`` over the
+    relevance at the output; every row applies its own channel masks where the probes of
+    :mod:`lrpx.record` sit). Where that cannot work, the input is repeated once per condition
+    along the batch (a forward and backward pass per ``batch_size`` rows, the same relevance)
+    and a ``UserWarning`` says why: when the graph holds a custom ``torch.autograd.Function``
+    that is not lrpx's own (inside a module kept as it is with ``twins={Module: None}``), whose
+    backward may not take the rows of a batched pass, or when the batched backward pass raises.
     """
     _check_input(x)
     conditions = tuple({name: tuple(int(c) for c in channels) for name, channels in cond.items()}
@@ -101,10 +112,22 @@ def attribute(lrp_model: nn.Module, x: Tensor, target=None, *, conditions: Seque
         raise ValueError("conditions must hold at least one condition ({} is the unconditioned one)")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    result = _one_forward(lrp_model, x, target, conditions, record, channel_axis, initial, batch_size)
+    if isinstance(result, ConceptAttribution):
+        return result
+    warnings.warn(f"lrpx.concepts.attribute repeats the input once per condition: {result}", UserWarning,
+                  stacklevel=2)
+    return _repeated(lrp_model, x, target, conditions, record, channel_axis, initial, batch_size)
+
+
+def _repeated(lrp_model: nn.Module, x: Tensor, target, conditions: tuple, record: Sequence[str], channel_axis: int,
+              initial: str, batch_size: int) -> ConceptAttribution:
+    """Every condition one row of the batch: the input repeated, one forward and backward per
+    ``batch_size`` rows."""
     if x.shape[0] * len(conditions) > batch_size:
         step = max(1, batch_size // x.shape[0])
-        parts = [attribute(lrp_model, x, target, conditions=conditions[i:i + step], record=record,
-                           channel_axis=channel_axis, initial=initial, batch_size=max(batch_size, x.shape[0]))
+        parts = [_repeated(lrp_model, x, target, conditions[i:i + step], record, channel_axis, initial,
+                           max(batch_size, x.shape[0]))
                  for i in range(0, len(conditions), step)]
         return ConceptAttribution(torch.cat([p.relevance for p in parts], 1),
                                   {k: torch.cat([p.recorded[k] for p in parts], 1) for k in parts[0].recorded},
@@ -127,6 +150,89 @@ def attribute(lrp_model: nn.Module, x: Tensor, target=None, *, conditions: Seque
     recorded = {name: r.unflatten(0, (batch, count)) for name, r in probes.recorded().items()}
     return ConceptAttribution(relevance.unflatten(0, (batch, count)), recorded, out.detach()[::count],
                               classes[::count], conditions)
+
+
+def _one_forward(lrp_model: nn.Module, x: Tensor, target, conditions: tuple, record: Sequence[str],
+                 channel_axis: int, initial: str, batch_size: int) -> ConceptAttribution | str:
+    """One forward of ``x``; the conditions are the rows of batched backward passes
+    (``torch.func.vmap`` over the relevance at the output), ``batch_size // B`` rows a pass.
+    Returns the reason instead where the graph holds a backward lrpx does not control."""
+    batch, count = x.shape[0], len(conditions)
+    layers = sorted({name for cond in conditions for name in cond})
+    probes = Probes(record=frozenset(record), conditions={name: [c.get(name) for c in conditions] for name in layers},
+                    channel_axis=channel_axis, per_pass=True)
+    inputs = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = forward_with_probes(lrp_model, probes, inputs)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise TypeError("lrpx.concepts.attribute explains classifiers ((B, classes) outputs)")
+        foreign = _foreign_function(out)
+        if foreign is not None:
+            return (f"the model's graph holds the autograd Function {foreign}, whose backward lrpx cannot batch "
+                    "over the conditions")
+        classes = _targets(target, out)
+        r_out = torch.zeros_like(out).scatter_(1, classes[:, None], 1.0)
+        if initial == "logit":
+            r_out = r_out * out.detach()
+        masks = {name: probes.pass_masks(name, probes.outputs[name]) for name in layers if name in probes.outputs}
+        step = max(1, batch_size // batch)
+        try:
+            parts = [_batched_backward(out, inputs, r_out, probes, {k: m[i:i + step] for k, m in masks.items()},
+                                       rows=min(step, count - i), retain=i + step < count)
+                     for i in range(0, count, step)]
+        except RuntimeError as err:  # an operation in the graph without a batched backward
+            return f"a batched backward pass over the conditions failed ({err})"
+    relevance = torch.cat([p[0] for p in parts]).transpose(0, 1).contiguous()
+    recorded = {}
+    for name in sorted(record):
+        none = torch.zeros_like(probes.outputs[name])  # no relevance reached the module
+        rows = [p[1][name] if name in p[1] else none.expand(len(p[0]), *none.shape) for p in parts]
+        recorded[name] = torch.cat(rows).transpose(0, 1).contiguous()
+    probes.kept = {name: torch.cat([p[2][name] for p in parts]).transpose(0, 1).reshape(-1) for name in parts[0][2]}
+    _warn_unreached(probes, layers, conditions, batch)
+    return ConceptAttribution(relevance, recorded, out.detach(), classes, conditions)
+
+
+def _batched_backward(out: Tensor, inputs: Tensor, r_out: Tensor, probes: Probes, masks: dict[str, Tensor], *,
+                      rows: int, retain: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """``(relevance, recorded, kept)`` of one batched backward pass of ``rows`` rows, each the
+    relevance of ``r_out`` under its row of every mask (``(rows, ...)``)."""
+    names = list(masks)
+
+    def row(r: Tensor, *row_masks: Tensor):
+        probes.relevance.clear()
+        probes.kept.clear()
+        probes.row_masks.clear()
+        probes.row_masks.update(zip(names, row_masks))
+        (relevance,) = torch.autograd.grad(out, inputs, grad_outputs=r, retain_graph=retain)
+        recorded = {name: value for name, value in probes.relevance.items() if name in probes.record}
+        return relevance, recorded, dict(probes.kept)
+
+    try:
+        return torch.func.vmap(row)(r_out.expand(rows, *r_out.shape), *masks.values())
+    finally:
+        probes.row_masks.clear()
+
+
+def _foreign_function(out: Tensor) -> str | None:
+    """The name of the first custom autograd Function in the graph of ``out`` that is not
+    lrpx's own (its backward may not take the rows of a batched pass), or None."""
+    from .core import LRPFunction
+    from .layers.attention import _Biased
+    from .record import Probe
+
+    own = (LRPFunction, Probe, _Biased)
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and not issubclass(cls, own):
+            return f"{cls.__module__}.{cls.__qualname__}"
+        stack.extend(fn for fn, _ in node.next_functions)
+    return None
 
 
 def _repeat(target, batch: int, count: int, device) -> Tensor:

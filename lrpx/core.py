@@ -24,24 +24,30 @@ class LRPFunction(torch.autograd.Function):
     modules, calls and threads.
     """
 
+    #: forward and backward are torch code on tensors, so ``torch.func.vmap`` batches them; the
+    #: rules write into no saved tensor when the relevance holds the rows of a batched backward
+    #: (one forward, many relevances at the output: ``lrpx.concepts.attribute``)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, layer: Layer, rule: Rule, relu: bool, weight: Tensor | None, bias: Tensor | None,
+    def forward(layer: Layer, rule: Rule, relu: bool, weight: Tensor | None, bias: Tensor | None,
                 *inputs: Tensor) -> Tensor:
-        input = inputs[0] if len(inputs) == 1 else inputs
-        output = layer.forward(input, weight, bias)
-        if relu:
-            output = fused_relu(output)
+        output = layer.forward(inputs[0] if len(inputs) == 1 else inputs, weight, bias)
+        return fused_relu(output) if relu else output
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        layer, rule, relu, weight, bias, *operands = inputs
         names = rule.saves_for(layer)
         saved: list = []
         for name in names:
             if name == "input":
-                saved.extend(inputs)
+                saved.extend(operands)
             else:
                 saved.append(weight if name == "weight" else bias if name == "bias" else output)
         ctx.save_for_backward(*saved)
-        ctx.names, ctx.count = names, len(inputs)
+        ctx.names, ctx.count = names, len(operands)
         ctx.layer, ctx.rule, ctx.relu = layer, rule, relu
-        return output
 
     @staticmethod
     @once_differentiable

@@ -46,6 +46,14 @@ class Probes:
     kept
         Filled in the backward pass: ``{conditioned name: (rows,) magnitude of the relevance
         the condition let through}``.
+    per_pass
+        If true, the rows of ``conditions`` are the rows of a batched backward pass over one
+        forward (``torch.func.vmap`` over the relevance at the output, see
+        :func:`lrpx.concepts.attribute`), not rows of the batch: each pass row keeps its
+        channels in every sample. The pass then sets ``row_masks``.
+    row_masks
+        ``{conditioned name: mask}`` while a batched backward pass runs: the masks of
+        :meth:`pass_masks`, one per pass row (batched by ``vmap``).
     """
 
     record: frozenset[str] = frozenset()
@@ -54,6 +62,8 @@ class Probes:
     relevance: dict[str, Tensor] = field(default_factory=dict)
     outputs: dict[str, Tensor] = field(default_factory=dict)
     kept: dict[str, Tensor] = field(default_factory=dict)
+    per_pass: bool = False
+    row_masks: dict[str, Tensor] = field(default_factory=dict)
 
     def names(self) -> set[str]:
         return set(self.record) | set(self.conditions)
@@ -63,7 +73,7 @@ class Probes:
         rows = self.conditions.get(name)
         if rows is None:
             return
-        if len(rows) != output.shape[0]:
+        if not self.per_pass and len(rows) != output.shape[0]:
             raise ValueError(f"{len(rows)} condition rows for {name!r}, but its output has batch {output.shape[0]}")
         channels = output.shape[self.channel_axis]
         for row in rows:
@@ -73,19 +83,33 @@ class Probes:
                                  f"(0..{channels - 1}) along axis {self.channel_axis}")
 
     def mask(self, name: str, relevance: Tensor) -> Tensor | None:
-        """The ``(rows, C, 1, ...)`` 0/1 mask of the condition on ``name``, or None."""
+        """The ``(rows, C, 1, ...)`` 0/1 mask of the condition on ``name``, or None (and None
+        when the rows are those of a batched pass: :meth:`pass_masks`)."""
         rows = self.conditions.get(name)
-        if rows is None:
+        if rows is None or self.per_pass:
             return None
         axis = self.channel_axis % relevance.dim()
-        keep = torch.ones(relevance.shape[0], relevance.shape[axis], dtype=relevance.dtype, device=relevance.device)
+        shape = [len(rows)] + [1] * (relevance.dim() - 1)
+        shape[axis] = relevance.shape[axis]
+        return self._keep(rows, relevance.shape[axis], relevance).view(shape)
+
+    def pass_masks(self, name: str, output: Tensor) -> Tensor:
+        """``(rows, 1, ..., C, ..., 1)``: the 0/1 mask of the condition on ``name`` for each row
+        of a batched backward pass, shaped to broadcast against ``output`` after the row axis."""
+        rows = self.conditions[name]
+        axis = self.channel_axis % output.dim()
+        shape = [len(rows)] + [1] * output.dim()
+        shape[axis + 1] = output.shape[axis]
+        return self._keep(rows, output.shape[axis], output).view(shape)
+
+    @staticmethod
+    def _keep(rows: Sequence[Sequence[int] | None], channels: int, like: Tensor) -> Tensor:
+        keep = torch.ones(len(rows), channels, dtype=like.dtype, device=like.device)
         for i, row in enumerate(rows):
             if row is not None:
                 keep[i] = 0
                 keep[i, list(row)] = 1
-        shape = [relevance.shape[0]] + [1] * (relevance.dim() - 1)
-        shape[axis] = relevance.shape[axis]
-        return keep.view(shape)
+        return keep
 
     def recorded(self) -> dict[str, Tensor]:
         """The relevance at every recorded module; zeros where none arrived (the explained
@@ -96,14 +120,18 @@ class Probes:
 
 class Probe(torch.autograd.Function):
     """Identity in forward; in backward, records the relevance arriving at the output and
-    applies the condition mask."""
+    applies the condition mask (per row of the batch, or per row of a batched backward pass:
+    :attr:`Probes.row_masks`)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, output: Tensor, name: str, probes: Probes) -> Tensor:
-        probes.check(name, output)
-        ctx.name, ctx.probes = name, probes
-        probes.outputs[name] = output.detach()
+    def forward(output: Tensor, name: str, probes: Probes) -> Tensor:
         return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.name, ctx.probes = inputs[1], inputs[2]
 
     @staticmethod
     @once_differentiable
@@ -112,7 +140,7 @@ class Probe(torch.autograd.Function):
         if name in probes.record:
             previous = probes.relevance.get(name)
             probes.relevance[name] = relevance.clone() if previous is None else previous + relevance
-        mask = probes.mask(name, relevance)
+        mask = probes.row_masks[name] if name in probes.row_masks else probes.mask(name, relevance)
         if mask is not None:
             relevance = relevance * mask
             kept = relevance.detach().abs().flatten(1).sum(1)
@@ -185,5 +213,7 @@ class _ProbingInterpreter(fx.Interpreter):
             if not isinstance(output, Tensor):
                 raise TypeError(f"module {qualified!r} returns {type(output).__name__}; relevance can be recorded "
                                 "at modules that return a tensor")
+            self.probes.check(qualified, output)
+            self.probes.outputs[qualified] = output.detach()
             output = Probe.apply(output, qualified, self.probes)
         return output

@@ -251,19 +251,25 @@ def _biased(scores: Tensor, bias: Tensor, epsilon: float) -> Tensor:
     r"""``scores + bias`` whose backward gives the scores the share
     :math:`R_s = s\,R / \mathrm{stab}(s + b, \epsilon)` of the sum's relevance (the ``Norm`` rule;
     the bias keeps the rest), and all of it where the bias is 0 (a mask's open positions)."""
-    return _Biased.apply(scores, bias, epsilon)
+    return _Biased.apply(scores, bias, epsilon)[0]
 
 
 class _Biased(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores: Tensor, bias: Tensor, epsilon: float) -> Tensor:
-        total = scores + bias
-        stabilized = total + epsilon * torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-        ctx.save_for_backward(torch.where(bias == 0, 1.0, scores / stabilized))
-        return total
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, relevance: Tensor):
+    def forward(scores: Tensor, bias: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+        total = scores + bias
+        stabilized = total + epsilon * torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+        return total, torch.where(bias == 0, 1.0, scores / stabilized)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor, _share: Tensor | None):
         (share,) = ctx.saved_tensors
         return relevance * share, None, None
 

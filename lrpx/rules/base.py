@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Layer", "Rule", "KINDS", "fitting_rules", "stabilize", "divide", "divide_after_relu", "relu_mask_",
-           "positive", "negative", "nonnegative_number", "is_nonnegative"]
+           "batched", "positive", "negative", "nonnegative_number", "is_nonnegative"]
 
 #: the kinds of layer, each with its primitives (``docs/rules.md``):
 #:
@@ -64,8 +64,8 @@ def divide(relevance: Tensor, z: Tensor, epsilon: float | Tensor, scale: float =
     """``scale * relevance / stabilize(z, epsilon)``, written into the denominator's buffer
     (the scale divides the denominator: no extra pass)."""
     den = stabilize(z, epsilon, scale)
-    if den.shape != relevance.shape:  # a denominator shared by the batch (Flat, WSquare)
-        return relevance / den
+    if den.shape != relevance.shape or batched(relevance, den):  # a denominator shared by the batch (Flat,
+        return relevance / den  # WSquare) or by the rows of a batched backward
     return torch.div(relevance, den, out=den)
 
 
@@ -73,13 +73,29 @@ def divide_after_relu(relevance: Tensor, output: Tensor, epsilon: float) -> Tens
     """``relevance / stabilize(output, epsilon)`` for ``output = relu(z) >= 0`` (a fused ReLU),
     where that is ``output + epsilon``; 0 at dead units (``output == 0``)."""
     s = output + epsilon
+    if batched(relevance, s):
+        return relu_mask_(relevance / s, output)
     return relu_mask_(torch.div(relevance, s, out=s), output)
 
 
 def relu_mask_(s: Tensor, output: Tensor) -> Tensor:
-    """``s`` set to 0 in place where ``output <= 0`` (ReLU's backward kernel: one pass, no
-    boolean mask in memory)."""
+    """``s`` set to 0 where ``output <= 0``: in place (ReLU's backward kernel: one pass, no
+    boolean mask in memory), or out of place for the rows of a batched backward pass (use the
+    result)."""
+    if batched(s, output):
+        return torch.where(output <= 0, 0.0, s)
     return torch.ops.aten.threshold_backward.grad_input(s, output, 0, grad_input=s)
+
+
+def batched(*tensors: Tensor) -> bool:
+    """Whether any of ``tensors`` holds many rows of a batched computation
+    (``torch.autograd.grad(..., is_grads_batched=True)``, or a tensor of a ``torch.func``
+    transform such as ``vmap``): rows that share a tensor cannot be written into it, so the
+    rules compute out of place there."""
+    if compiling():
+        return False
+    functorch = torch._C._functorch
+    return any(functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def nonnegative_number(name: str, value: float) -> float:
@@ -104,12 +120,13 @@ def is_nonnegative(t: Tensor, layer: Layer) -> bool:
     """Whether every entry of a layer input is ``>= 0`` (inputs after a ReLU take the cheap
     forms): known from the model when ``layer.input_nonnegative`` (no look at the data);
     otherwise checked on the CPU. On other devices (where reading the data would make the host
-    wait for the device) and under ``torch.compile`` an unknown input counts as signed: the
+    wait for the device), under ``torch.compile`` and in ``torch.func`` transforms (``vmap``
+    over samples) an unknown input counts as signed: the
     general forms, which give the same relevance for non-negative data, with no
     synchronisation and no graph break."""
     if layer.input_nonnegative:
         return True
-    if t.device.type != "cpu" or compiling():
+    if t.device.type != "cpu" or compiling() or batched(t):
         return False
     return bool(t.min() >= 0) if t.numel() else True
 
@@ -164,6 +181,13 @@ class Rule(metaclass=_Frozen):
         rule's relevance at units with ``z <= 0`` does not matter, since none reaches them.
     ``epsilon``
         The stabilizer, ``1e-6`` unless the rule sets its own.
+
+    :meth:`relevance` may receive the rows of a batched backward pass over one forward
+    (:func:`lrpx.concepts.attribute` runs ``torch.func.vmap`` over the relevance at the
+    output): there it writes into no saved tensor in place (:func:`batched` tells), reads no
+    value of the relevance on the host (``.item()``, ``bool(...)``) and branches in Python on
+    the saved tensors only. A rule that does not would make ``attribute`` fall back to one
+    forward pass per batch of conditions (with a warning).
     """
 
     saves: tuple[str, ...] = ("input", "weight", "bias", "output")

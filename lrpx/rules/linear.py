@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import (Layer, Rule, divide, divide_after_relu, is_nonnegative, negative, nonnegative_number, positive,
-                   relu_mask_)
+from .base import (Layer, Rule, batched, divide, divide_after_relu, is_nonnegative, negative, nonnegative_number,
+                   positive, relu_mask_)
 
 __all__ = ["Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare"]
 
@@ -209,15 +209,15 @@ class Gamma(Rule):
         g = self.gamma
         p = torch.add(weight, positive(weight), alpha=g)
         z_p = layer.forward(input, p, None if bias is None else torch.add(bias, positive(bias), alpha=g))
-        s_p = z_p.clamp_(min=0).add_(self.epsilon)
-        s_p = relu_mask_(torch.div(relevance, s_p, out=s_p), output)
+        s_p = (z_p.clamp(min=0) if batched(z_p) else z_p.clamp_(min=0)).add_(self.epsilon)
+        s_p = relu_mask_(relevance / s_p if batched(relevance, s_p) else torch.div(relevance, s_p, out=s_p), output)
         return layer.vjp(s_p, p, input).mul_(input)
 
     def _nonnegative(self, layer, relevance, x, weight, bias, z):
         g, w_pos = self.gamma, positive(weight)
         s_delta, sign = self._quotient(relevance, z, layer.forward(x, w_pos, positive(bias)))
         g_plus = layer.vjp(s_delta, w_pos, x)
-        s_mix = torch.mul(s_delta, -g / 2).addcmul_(sign, s_delta, value=1 + g / 2)  # s_p + (1 + g) s_n
+        s_mix = _mix(s_delta, sign, -g / 2, 1 + g / 2)  # s_p + (1 + g) s_n
         del s_delta, sign
         return layer.vjp(s_mix, weight, x).add_(g_plus, alpha=g).mul_(x)
 
@@ -228,8 +228,11 @@ class Gamma(Rule):
         del v
         g_plus = layer.vjp(s_delta, w_pos, x)
         # [s_p + (1 + g) s_n; (1 + g) s_p + s_n], both halves through one VJP
-        s_mixes = torch.cat([torch.mul(s_delta, -g / 2), torch.mul(s_delta, g / 2)])
-        s_mixes.view((2,) + s_delta.shape).addcmul_(sign, s_delta, value=1 + g / 2)  # each half, broadcast
+        if batched(s_delta, sign):
+            s_mixes = torch.cat([_mix(s_delta, sign, -g / 2, 1 + g / 2), _mix(s_delta, sign, g / 2, 1 + g / 2)])
+        else:
+            s_mixes = torch.cat([torch.mul(s_delta, -g / 2), torch.mul(s_delta, g / 2)])
+            s_mixes.view((2,) + s_delta.shape).addcmul_(sign, s_delta, value=1 + g / 2)  # each half, broadcast
         del s_delta, sign
         g_pos_input, g_neg_input = layer.vjp(s_mixes, weight, _twice(x)).chunk(2)
         return x.clamp(min=0) * g_pos_input + x.clamp(max=0) * g_neg_input + g * x.abs() * g_plus
@@ -237,13 +240,24 @@ class Gamma(Rule):
     def _quotient(self, relevance: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``(s_delta, sign(z))``: ``s_delta = s_p - s_n = sign(z) R / stab(z_gamma)``; frees ``v``."""
         sign = torch.sign(z)
-        z_gamma = z.clamp(max=0).addcmul_(sign, v)
+        if batched(z, v):  # the samples of a torch.func transform: out of place
+            z_gamma = torch.add(z, torch.addcmul(z.clamp(max=0), sign, v), alpha=self.gamma)
+        else:
+            z_gamma = z.clamp(max=0).addcmul_(sign, v)
+            z_gamma = torch.add(z, z_gamma, alpha=self.gamma, out=z_gamma)
         del v
-        z_gamma = torch.add(z, z_gamma, alpha=self.gamma, out=z_gamma)
         s_delta = divide(relevance, z_gamma, self.epsilon).mul_(sign)
         if self.epsilon == 0:  # 0/0 where z_gamma = z = 0 (every dead unit after a fused ReLU)
             s_delta.masked_fill_(sign == 0, 0.0)
         return s_delta, sign
+
+
+def _mix(s: Tensor, sign: Tensor, offset: float, slope: float) -> Tensor:
+    """``s * (offset + slope * sign)``, in the buffer of the first product (a new tensor for
+    the rows of a batched backward pass, where in-place ``addcmul_`` has no batched kernel)."""
+    if batched(s, sign):
+        return torch.addcmul(s * offset, sign, s, value=slope)
+    return torch.mul(s, offset).addcmul_(sign, s, value=slope)
 
 
 class ZBox(Rule):
@@ -303,7 +317,7 @@ class ZBox(Rule):
         s = divide(relevance, z_b, self.epsilon)
         del z_b
         if after_relu:  # output = relu(z): dead units pass nothing
-            relu_mask_(s, output)
+            s = relu_mask_(s, output)
         # x g(s; W) - l g(s; W+) - h g(s; W-) with g(s; W-) = g(s; W) - g(s; W+)
         return (x - high) * layer.vjp(s, weight, x) + (high - low) * layer.vjp(s, wp, x)
 
