@@ -217,7 +217,7 @@ def segmentation_rows(names, args, device, dtype) -> None:
         model = frozen(torchvision.models.get_model(name, weights=None, weights_backbone=None), device, dtype)
         x = torch.rand(1, 3, args.size, args.size, device=device, dtype=dtype)
         target = lrpx.targets.segment(1)
-        task_rows(name, model, x, lambda out: target(out).sum(), target, args, device)
+        task_rows(name, model, x, lambda out, target=target: target(out).sum(), target, args, device)
 
 
 def main(argv=None):
