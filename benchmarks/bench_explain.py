@@ -2,6 +2,7 @@
 
     python benchmarks/bench_explain.py --models vgg16 resnet50 --batch 1 8 --threads 2
     python benchmarks/bench_explain.py --models --detection fasterrcnn_resnet50_fpn --size 800
+    python benchmarks/bench_explain.py --models --segmentation deeplabv3_resnet50 --size 400
     python benchmarks/bench_explain.py --models timm:convnext_tiny timm:swin_tiny_patch4_window7_224 --batch 1
 
 A model name ``timm:NAME`` is built by ``timm.create_model(NAME, pretrained=False)``.
@@ -156,31 +157,67 @@ def zennit_step(model, x, target, name):
     return run
 
 
+#: presets timed for models with a callable target (segmentation, detection)
+TASK_PRESETS = ("epsilon_gamma_box", "epsilon_plus")
+
+
+def composite(preset: str) -> lrpx.composites.Composite:
+    """The composite of ``preset``; ``epsilon_gamma_box`` bounded to [-3, 3] as elsewhere here."""
+    return lrpx.composites.get_preset(preset, **({"low": -3.0, "high": 3.0} if preset == "epsilon_gamma_box" else {}))
+
+
+def row(name, batch, method, t, base, mem=None, mem0=None) -> str:
+    mem_txt = "-" if mem is None else f"{mem:.0f}"
+    ratio_txt = "-" if mem is None or not mem0 else f"{mem / mem0:.2f}"
+    return f"| {name} | {batch} | {method} | {1000 * t:.1f} | {t / base:.2f} | {mem_txt} | {ratio_txt} |"
+
+
+def task_rows(name, model, x, gradient_score, target, args, device) -> None:
+    """Rows of one model explained for a callable ``target``: each preset of :data:`TASK_PRESETS`
+    against the input-gradient of ``gradient_score(output)`` (a scalar) in the original model."""
+    def gradient():
+        xin = x.detach().requires_grad_()
+        return torch.autograd.grad(gradient_score(model(xin)), xin)[0]
+
+    steps = {"input-gradient (score)": gradient}
+    for preset in TASK_PRESETS:
+        lrp = lrpx.convert(model, composite(preset))
+        steps[f"lrpx {preset}"] = lambda lrp=lrp: lrpx.explain(lrp, x, target).relevance
+    times = interleaved(steps, device, args.repeat, warmup=1)
+    memory = {k: peak_memory(steps[k], device) for k in times}
+    base = "input-gradient (score)"
+    for k, t in times.items():
+        print(row(name, 1, k, t, times[base], memory[k], memory[base]), flush=True)
+
+
+def frozen(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    model = model.eval().to(device, dtype)
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    return model
+
+
 def detection_rows(names, args, device, dtype) -> None:
     """Detection models: one explanation of the top detection's class logit
     (``lrpx.targets.detection(0)``) against the input-gradient of the same detection's reported
     score in the original model (forward, post-processing and backward to the input, both)."""
     for name in names:
         torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, min_size=args.size,
-                                             max_size=args.size).eval().to(device, dtype)
-        for p_ in model.parameters():
-            p_.requires_grad_(False)
-        lrp = lrpx.convert(model, lrpx.composites.epsilon_gamma_box(-3.0, 3.0))
+        model = frozen(torchvision.models.get_model(name, weights=None, weights_backbone=None, min_size=args.size,
+                                                    max_size=args.size), device, dtype)
         x = torch.rand(1, 3, args.size, args.size, device=device, dtype=dtype)
+        task_rows(name, model, x, lambda out: out[0]["scores"][0], lrpx.targets.detection(0), args, device)
 
-        def gradient():
-            xin = x.detach().requires_grad_()
-            return torch.autograd.grad(model(xin)[0]["scores"][0], xin)[0]
 
-        def explain():
-            return lrpx.explain(lrp, x, lrpx.targets.detection(0)).relevance
-
-        times = interleaved({"input-gradient (score)": gradient, "lrpx epsilon_gamma_box": explain}, device,
-                            args.repeat, warmup=1)
-        base = times["input-gradient (score)"]
-        for k, t in times.items():
-            print(f"| {name} | 1 | {k} | {1000 * t:.1f} | {t / base:.2f} | - | - |", flush=True)
+def segmentation_rows(names, args, device, dtype) -> None:
+    """Segmentation models: one explanation of class 1's logits summed over the whole map
+    (``lrpx.targets.segment(1)``) against the input-gradient of that sum in the original model."""
+    for name in names:
+        torch.manual_seed(0)
+        model = frozen(torchvision.models.get_model(name, weights=None, weights_backbone=None), device, dtype)
+        x = torch.rand(1, 3, args.size, args.size, device=device, dtype=dtype)
+        target = lrpx.targets.segment(1)
+        task_rows(name, model, x, lambda out, target=target: target(out).sum(), target, args, device)
 
 
 def main(argv=None):
@@ -188,6 +225,8 @@ def main(argv=None):
     p.add_argument("--models", nargs="*", default=["vgg16", "resnet50"])
     p.add_argument("--detection", nargs="*", default=[], metavar="NAME",
                    help="torchvision detection models, e.g. fasterrcnn_resnet50_fpn (--size: the shorter side)")
+    p.add_argument("--segmentation", nargs="*", default=[], metavar="NAME",
+                   help="torchvision segmentation models, e.g. deeplabv3_resnet50 (--size: the input side)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeat", type=int, default=5)
@@ -216,9 +255,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
-        model = build(name).eval().to(device, dtype)
-        for p_ in model.parameters():
-            p_.requires_grad_(False)
+        model = frozen(build(name), device, dtype)
         methods = {
             "input-gradient": model,
             "lrpx epsilon": lrpx.convert(model),
@@ -243,16 +280,13 @@ def main(argv=None):
                                            args.memory_runs)
                                for k in times if not k.startswith("zennit") and "compiled" not in k})
             for k, t in times.items():
-                mem, mem0 = memory.get(k), memory.get("input-gradient")
-                mem_txt = "-" if mem is None else f"{mem:.0f}"
-                ratio_txt = "-" if mem is None or not mem0 else f"{mem / mem0:.2f}"
-                print(f"| {name} | {batch} | {k} | {1000 * t:.1f} | {t / base:.2f} | {mem_txt} | {ratio_txt} |",
-                      flush=True)
+                print(row(name, batch, k, t, base, memory.get(k), memory.get("input-gradient")), flush=True)
             if args.compile:
                 eager, compiled = (steps[f"lrpx epsilon_gamma_box{c}"]() for c in ("", " (compiled)"))
                 err = float((compiled - eager).abs().max() / eager.abs().max())
                 print(f"{name} batch {batch}: compiled vs eager epsilon_gamma_box relevance, "
                       f"max |difference| / max |eager| = {err:.1e}", flush=True)
+    segmentation_rows(args.segmentation, args, device, dtype)
     detection_rows(args.detection, args, device, dtype)
 
 

@@ -125,41 +125,67 @@ class LRPFeaturePyramid(FeaturePyramidNetwork if GeneralizedRCNN is not None els
 
 
 def _source_rows(run: Callable[[Any], list[tuple[Tensor, Tensor]]], head: dict[str, Any],
-                 rows: Callable[[dict[str, Any], int], Tensor]) -> tuple[Any, list[Tensor]]:
+                 rows: Callable[[dict[str, Any], int], Tensor], score_keys: tuple[str, ...] = ()
+                 ) -> tuple[Any, list[Tensor]]:
     """Run the post-processing ``run`` on detached copies of the head outputs ``head`` and find,
     per image, the row (proposal or anchor) each detection came from.
 
     ``run(copies)`` returns what the original post-processing returns and the ``(scores,
-    boxes)`` of each image; ``rows(tensors, image)`` lays a structure like ``head``, with a
-    leading dimension of detections, out as one ``(detections, rows, features)`` tensor of an
-    image. Returns the post-processing's result and, per image, the row index of each detection.
+    boxes)`` of each image; ``rows(tensors, image)`` lays a structure like ``head`` (or the part
+    of it named by ``score_keys``), with a leading dimension of detections, out as one
+    ``(detections, rows, features)`` tensor of an image. Returns the post-processing's result
+    and, per image, the row index of each detection.
+
+    The row is where the derivative of the detection's score plus box sum is largest. With
+    ``score_keys`` (the head outputs the scores are computed from), the derivative of the score
+    with respect to those alone is tried first, a much smaller Jacobian; detections whose
+    score does not change with them (saturated) take the full one.
     """
     with torch.inference_mode(False), torch.enable_grad():  # also under inference mode: on plain copies
         copies = tree_map(lambda t: _plain(t).requires_grad_(True), head)
-        leaves = [t for v in copies.values() for t in (v if isinstance(v, list) else [v])]
         result, per_image = run(copies)
-        # the Jacobian of each detection's score + box sum, a few detections per backward pass
-        chunk = max(1, _JACOBIAN_ENTRIES // max(1, sum(t.numel() for t in leaves)))
+        scored = {k: copies[k] for k in score_keys}
         found = []
         for image, (scores, boxes) in enumerate(per_image):
-            total = scores + boxes.sum(-1)
-            index = []
-            for start in range(0, len(total), chunk):
-                picks = torch.arange(start, min(start + chunk, len(total)), device=total.device)
-                grads = _jacobian_rows(total, picks, leaves)
-                it = iter(grads)
-                tree = {k: [next(it) for _ in v] if isinstance(v, list) else next(it) for k, v in copies.items()}
-                weight = rows(tree, image).abs().sum(-1)  # (detections, rows)
-                for i, w in zip(picks.tolist(), weight):
-                    if not bool(torch.isfinite(w).all()):
-                        raise FloatingPointError(f"the head outputs behind detection {i} of image {image} are not "
-                                                 "finite")
-                    if not bool(w.max() > 0):
-                        raise RuntimeError(f"cannot tell which proposal or anchor detection {i} of image {image} came "
-                                           "from: its score and box do not change with any (saturated)")
-                index += weight.argmax(-1).tolist()
-            found.append(torch.tensor(index, dtype=torch.long))
+            index = torch.zeros(len(scores), dtype=torch.long)
+            rest = torch.arange(len(scores))
+            if scored:
+                first, known = _argmax_rows(scores, scored, rows, image, strict=False)
+                index[known], rest = first[known], rest[~known]
+            if len(rest):
+                total = (scores + boxes.sum(-1))[rest.to(scores.device)]
+                index[rest] = _argmax_rows(total, copies, rows, image, strict=True, numbers=rest.tolist())[0]
+            found.append(index)
     return result, found
+
+
+def _argmax_rows(total: Tensor, tree: dict[str, Any], rows: Callable[[dict[str, Any], int], Tensor], image: int, *,
+                 strict: bool, numbers: list[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Per entry of ``total``, the row of ``tree`` (laid out by ``rows``) where ``|d total /
+    d tree|`` summed over the features is largest, and whether that derivative is finite and not
+    zero everywhere; ``strict`` raises where it is not (``numbers``: the detections' numbers)."""
+    leaves = [t for v in tree.values() for t in (v if isinstance(v, list) else [v])]
+    # the Jacobian, a few detections per backward pass
+    chunk = max(1, _JACOBIAN_ENTRIES // max(1, sum(t.numel() for t in leaves)))
+    index, known = [], []
+    for start in range(0, len(total), chunk):
+        picks = torch.arange(start, min(start + chunk, len(total)), device=total.device)
+        it = iter(_jacobian_rows(total, picks, leaves))
+        grads = {k: [next(it) for _ in v] if isinstance(v, list) else next(it) for k, v in tree.items()}
+        weight = rows(grads, image).abs().sum(-1)  # (detections, rows)
+        finite, moves = torch.isfinite(weight).all(-1), (weight > 0).any(-1)
+        if strict and not bool((finite & moves).all()):
+            bad = int((~(finite & moves)).nonzero()[0])
+            i = start + bad if numbers is None else numbers[start + bad]
+            if not bool(finite[bad]):
+                raise FloatingPointError(f"the head outputs behind detection {i} of image {image} are not finite")
+            raise RuntimeError(f"cannot tell which proposal or anchor detection {i} of image {image} came from: its "
+                               "score and box do not change with any (saturated)")
+        index.append(weight.argmax(-1).cpu())
+        known.append((finite & moves).cpu())
+    if not index:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(index), torch.cat(known)
 
 
 #: entries of the head outputs' Jacobian computed per backward pass (memory: 8 bytes each)
@@ -214,7 +240,7 @@ class _SingleStage:
             result = super(_SingleStage, self).postprocess_detections(copies, plain, image_sizes)
             return result, [(r["scores"], r["boxes"]) for r in result]
 
-        result, found = _source_rows(run, dict(head_outputs), _per_image)
+        result, found = _source_rows(run, dict(head_outputs), _per_image, ("cls_logits",))
         for image, (r, index) in enumerate(zip(result, found)):
             for key in ("boxes", "scores"):
                 r[key] = r[key].detach()
@@ -236,11 +262,11 @@ class LRPRoIHeads(RoIHeads if GeneralizedRCNN is not None else nn.Module):
             return (boxes, scores, labels), list(zip(scores, boxes))
 
         def rows(tree, image):
-            matrix = torch.cat([tree["class_logits"], tree["box_regression"]], dim=-1)
+            matrix = torch.cat(list(tree.values()), dim=-1)
             return matrix[:, starts[image]:starts[image] + counts[image]]
 
         (boxes, scores, labels), found = _source_rows(
-            run, {"class_logits": class_logits, "box_regression": box_regression}, rows)
+            run, {"class_logits": class_logits, "box_regression": box_regression}, rows, ("class_logits",))
         out_scores = []
         for image, index in enumerate(found):
             score = scores[image].detach()
