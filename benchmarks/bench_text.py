@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 import lrpx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_explain import interleaved, sync  # noqa: E402
 
 
 def build(layers: int, hidden: int, dtype: torch.dtype, device: torch.device):
@@ -55,25 +56,6 @@ def steps(model, ids: torch.Tensor) -> dict:
         return lrpx.explain_tokens(lrp, ids).relevance
 
     return {"embedding gradient": gradient, "lrpx explain_tokens": explain}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(calls: dict, device: torch.device, repeat: int) -> dict:
-    for fn in calls.values():  # warm-up
-        fn()
-    times = {k: [] for k in calls}
-    for _ in range(repeat):
-        for k, fn in calls.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def gpu_peak(fn, device: torch.device) -> float:
@@ -133,7 +115,7 @@ def main() -> None:
     model = build(args.layers, args.hidden, dtype, device)
     ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1), device=device)
     calls = steps(model, ids)
-    times = timed(calls, device, args.repeat)
+    times = interleaved(calls, device, args.repeat, warmup=1)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device={device} ({where}) dtype={args.dtype} threads={args.threads} torch={torch.__version__} "
           f"llama layers={args.layers} hidden={args.hidden} tokens={args.tokens} repeat={args.repeat} (median)")

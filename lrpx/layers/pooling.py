@@ -3,11 +3,16 @@ interpolation (upsampling). Max pooling keeps its plain gradient (winner-take-al
 needs no twin."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple
 
 from ..core import lrp_apply
-from ..ops import AdaptiveAvgPoolOps, AvgPoolOps, InterpolateOps, MeanOps
+from ..ops import AdaptiveAvgPoolOps, AvgPoolOps, MeanOps, _like, _shape
 from ..rules.base import Rule
 from ..rules.elementwise import Norm
 from .base import Twin
@@ -18,6 +23,55 @@ __all__ = ["Sum", "LRPAvgPool1d", "LRPAvgPool2d", "LRPAvgPool3d",
 
 #: interpolation modes whose weights are >= 0 (the output keeps the input's sign)
 _CONVEX_MODES = frozenset({"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"})
+
+_ATEN = torch.ops.aten
+#: ``{(mode, spatial dims): (backward kernel, whether it takes align_corners)}``
+_UPSAMPLE_BACKWARD = {
+    ("nearest", 1): (_ATEN.upsample_nearest1d_backward, False), ("nearest", 2): (_ATEN.upsample_nearest2d_backward, False),
+    ("nearest", 3): (_ATEN.upsample_nearest3d_backward, False),
+    ("nearest-exact", 2): (_ATEN._upsample_nearest_exact2d_backward, False),
+    ("linear", 1): (_ATEN.upsample_linear1d_backward, True), ("bilinear", 2): (_ATEN.upsample_bilinear2d_backward, True),
+    ("trilinear", 3): (_ATEN.upsample_trilinear3d_backward, True), ("bicubic", 2): (_ATEN.upsample_bicubic2d_backward, True),
+}
+
+
+@dataclass(frozen=True)
+class InterpolateOps:
+    """``F.interpolate`` (``nn.Upsample``): a linear map of its input without parameters; VJP by
+    ATen's upsampling backward kernels (by autograd for the modes they do not cover)."""
+
+    size: tuple[int, ...] | int | None = None
+    scale_factor: tuple[float, ...] | float | None = None
+    mode: str = "nearest"
+    align_corners: bool | None = None
+    recompute_scale_factor: bool | None = None
+    antialias: bool = False
+    kind: ClassVar[str] = "sum"
+    channel_axis: int = 1
+
+    def forward(self, input: Tensor, weight: None = None, bias: None = None) -> Tensor:
+        return F.interpolate(input, size=self.size, scale_factor=self.scale_factor, mode=self.mode,
+                             align_corners=self.align_corners, recompute_scale_factor=self.recompute_scale_factor,
+                             antialias=self.antialias)
+
+    def vjp(self, s: Tensor, weight: None, input: Tensor | torch.Size) -> Tensor:
+        shape = _shape(input)
+        dim = len(shape) - 2
+        found = _UPSAMPLE_BACKWARD.get((self.mode, dim))
+        if found is None or self.antialias:
+            return self._autograd_vjp(s, input)
+        kernel, takes_corners = found
+        scales: list = [None] * dim
+        if self.scale_factor is not None and not self.recompute_scale_factor:
+            factors = self.scale_factor if isinstance(self.scale_factor, (tuple, list)) else (self.scale_factor,) * dim
+            scales = [float(f) for f in factors]
+        corners = (bool(self.align_corners),) if takes_corners else ()
+        return kernel(s, list(s.shape[2:]), list(shape), *corners, *scales)
+
+    def _autograd_vjp(self, s: Tensor, input: Tensor | torch.Size) -> Tensor:
+        x = _like(s, input).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return torch.autograd.grad(self.forward(x), x, s)[0]
 
 
 class _PoolTwin(Twin):
