@@ -108,13 +108,24 @@ class OpRules(TorchFunctionMode):
         return isinstance(value, Tensor) and value.requires_grad and not isinstance(value, nn.Parameter) \
             and id(value) not in self._constants
 
+    def _any_carries(self, value) -> bool:
+        """Whether a tensor in ``value`` (nested tuples, lists and dicts of arguments) carries
+        relevance; a plain recursion, several times cheaper per call than a pytree flattening."""
+        if isinstance(value, Tensor):
+            return self._carries(value)
+        if isinstance(value, (tuple, list)):
+            return any(self._any_carries(v) for v in value)
+        if isinstance(value, dict):
+            return any(self._any_carries(v) for v in value.values())
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        if not any(self._carries(a) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+        if not (self._any_carries(args) or kwargs and self._any_carries(kwargs)):
             out = func(*args, **kwargs)
-            for t in torch.utils._pytree.tree_leaves(out):
+            for t in (out,) if isinstance(out, Tensor) else torch.utils._pytree.tree_leaves(out):
                 if isinstance(t, Tensor) and t.requires_grad:
                     self._constants[id(t)] = t
             return out

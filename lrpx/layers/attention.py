@@ -28,11 +28,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core import lrp_apply
 from ..ops import ElementwiseOps, LinearOps, MatmulOps, SoftmaxOps
 from ..rules.attention import Taylor, Uniform
-from ..rules.base import Rule
+from ..rules.base import Rule, compiling
 from ..rules.elementwise import Pass
 from .base import Twin
 from .merge import _OwnLayer
@@ -274,6 +275,12 @@ class _Biased(torch.autograd.Function):
         return relevance * share, None, None
 
 
+def recomputes(*inputs: Tensor) -> bool:
+    """Whether :class:`ScaledDotProductAttention` keeps only its inputs for backward and computes
+    its scores and weights again there (eager mode with autograd on; not under ``torch.compile``)."""
+    return torch.is_grad_enabled() and not compiling() and any(t.requires_grad for t in inputs)
+
+
 class ScaledDotProductAttention(_OwnLayer):
     r"""``F.scaled_dot_product_attention`` in forward code (timm's and Hugging Face's fused
     attention), written out as its math with the AttnLRP rules:
@@ -288,6 +295,12 @@ class ScaledDotProductAttention(_OwnLayer):
     positions that take part (``True``), a float one is added to the scores; ``is_causal``
     masks the upper triangle; ``enable_gqa`` repeats the key/value heads to the query heads.
     Dropout (``dropout_p > 0``) raises ``RuntimeError``: relevance is defined in eval mode.
+
+    Memory: the scores, the masked scores and the weights (each ``heads x L x S``) are what the
+    rules of a plain forward would keep until backward, several times the inputs at long
+    sequences. With autograd on (eager mode), the layer keeps its inputs only and computes the
+    attention again when relevance reaches it (``torch.utils.checkpoint``): the same operations
+    on the same values, so the same relevance, for one more attention forward in backward.
     """
 
     lrp_kind = "bilinear"
@@ -305,6 +318,16 @@ class ScaledDotProductAttention(_OwnLayer):
         if dropout_p:
             raise RuntimeError(f"scaled_dot_product_attention with dropout_p={dropout_p}: relevance is defined "
                                "in eval mode (call .eval() on the model)")
+        if not recomputes(query, key, value):
+            return self._attend(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+        # its operations are its own, not those of a module's forward that takes rules at run time:
+        # the recomputation in backward runs without that mode too
+        with torch._C.DisableTorchFunction():
+            return checkpoint(self._attend, query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                              use_reentrant=False, preserve_rng_state=False)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                scale: float | None, enable_gqa: bool) -> Tensor:
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             repeats = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
