@@ -277,8 +277,11 @@ class _Biased(torch.autograd.Function):
 
 def recomputes(*inputs: Tensor) -> bool:
     """Whether :class:`ScaledDotProductAttention` keeps only its inputs for backward and computes
-    its scores and weights again there (eager mode with autograd on; not under ``torch.compile``)."""
-    return torch.is_grad_enabled() and not compiling() and any(t.requires_grad for t in inputs)
+    its scores and weights again there (eager mode with autograd on; not under ``torch.compile``
+    nor inside ``torch.func`` transforms, which do not take the saved-tensor hooks it uses)."""
+    return torch.is_grad_enabled() and not compiling() and any(t.requires_grad for t in inputs) and \
+        not torch._C._functorch.is_functorch_wrapped_tensor(inputs[0]) and \
+        torch._C._functorch.maybe_current_level() is None
 
 
 class ScaledDotProductAttention(_OwnLayer):
