@@ -26,7 +26,7 @@ import torch
 import lrpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_explain import interleaved, sync  # noqa: E402
+from bench_explain import interleaved, peak_memory  # noqa: E402
 
 
 def build(layers: int, hidden: int, dtype: torch.dtype, device: torch.device):
@@ -56,15 +56,6 @@ def steps(model, ids: torch.Tensor) -> dict:
         return lrpx.explain_tokens(lrp, ids).relevance
 
     return {"embedding gradient": gradient, "lrpx explain_tokens": explain}
-
-
-def gpu_peak(fn, device: torch.device) -> float:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _rss(key: str) -> float:
@@ -121,7 +112,7 @@ def main() -> None:
           f"llama layers={args.layers} hidden={args.hidden} tokens={args.tokens} repeat={args.repeat} (median)")
     print("| method | time (ms) | ratio | peak memory (MiB) | memory ratio |")
     print("|---|---|---|---|---|")
-    memory = {k: gpu_peak(fn, device) if device.type == "cuda" else cpu_peak(args, k) for k, fn in calls.items()}
+    memory = {k: peak_memory(fn, device) if device.type == "cuda" else cpu_peak(args, k) for k, fn in calls.items()}
     base_t, base_m = times["embedding gradient"], memory["embedding gradient"]
     for k, t in times.items():
         m = memory[k]
