@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 from .core import lrp_apply
 from .layers.attention import ScaledDotProductAttention
 from .ops import (ConvOps, ElementwiseOps, IndexAddOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps,
-                  SoftmaxOps, SumOps, WeightMatmulOps)
+                  SoftmaxOps, SumOps, WeightMatmulOps, einsum_operands)
 from .routing import ROUTING_FUNCTIONS, ROUTING_METHODS
 from .rules.base import Rule
 from .rules.elementwise import Pass
@@ -190,8 +190,8 @@ class OpRules(TorchFunctionMode):
             weight_first = not carried[0]  # a factor computed from parameters: a linear map
             x, w = (args[1], args[0]) if weight_first else args
             return lrp_apply(WeightMatmulOps(weight_first), rules["weighted"], x, w.detach(), None)
-        if func is torch.einsum and len(args) in (2, 3) and isinstance(args[0], str):
-            operands = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
+        if func is torch.einsum and einsum_operands(args) is not None:
+            operands = einsum_operands(args)
             if len(operands) == 2 and all(self._carries(a) for a in operands):
                 return lrp_apply(MatmulOps(args[0]), rules["bilinear"], operands)
             return NotImplemented

@@ -303,6 +303,14 @@ class MatmulOps:
             return torch.autograd.grad(torch.einsum(self.equation, a_, b_), (a_, b_), s)
 
 
+def einsum_operands(args: tuple) -> tuple | None:
+    """The operands of ``torch.einsum(equation, *operands)`` or ``(equation, [operands])``, from
+    its positional arguments (``None`` if they are not of that form)."""
+    if not args or not isinstance(args[0], str):
+        return None
+    return tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else tuple(args[1:])
+
+
 @dataclass(frozen=True)
 class WeightMatmulOps:
     """``input @ weight`` (or ``weight @ input`` with ``weight_first``) with a ``weight`` that is

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .graph import OUTPUT_KINDS, ModelGraph
+from .ops import einsum_operands
 from .calls import layer_from_call
 from .statistics import held
 from .layers import (Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum,
@@ -277,12 +278,9 @@ def tags(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> dict[fx.Node,
 def _einsum_factors(node: fx.Node, kinds: dict) -> tuple[fx.Node, fx.Node] | None:
     """The two operands of ``torch.einsum(equation, a, b)`` (or ``(equation, [a, b])``) when
     both are values from the input: a bilinear product."""
-    if node.op != "call_function" or node.target is not torch.einsum or node.kwargs or \
-            not node.args or not isinstance(node.args[0], str):
-        return None
-    operands = tuple(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
-        else tuple(node.args[1:])
-    if len(operands) == 2 and all(isinstance(a, fx.Node) and kinds[a] == "input" for a in operands):
+    operands = None if node.op != "call_function" or node.target is not torch.einsum or node.kwargs \
+        else einsum_operands(node.args)
+    if operands is not None and len(operands) == 2 and all(isinstance(a, fx.Node) and kinds[a] == "input" for a in operands):
         return operands
     return None
 
