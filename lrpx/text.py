@@ -120,7 +120,7 @@ def explain_tokens(
             raise ValueError("the model's logits do not depend on inputs_embeds; its forward must use the "
                              "inputs_embeds= it is given (and not run under torch.no_grad)")
         rows, positions = _rows(logits, position, ids.shape)
-        classes = _targets(target, rows, "classes" if positions is None else "token ids")
+        classes = check_targets(target, rows, "classes" if positions is None else "token ids")
         r_out = torch.zeros_like(logits)
         batch = torch.arange(ids.shape[0], device=logits.device)
         index = (batch, classes) if positions is None else (batch, positions, classes)
@@ -275,32 +275,40 @@ def _rows(logits: Tensor, position, shape: torch.Size) -> tuple[Tensor, Tensor |
         return logits.detach(), None
     if logits.shape[1] != length:
         raise ValueError(f"the model returned logits at {logits.shape[1]} positions for {length} tokens")
-    p = torch.as_tensor(position, device=logits.device)
-    if p.is_floating_point() or p.dtype == torch.bool or p.dim() > 1:
-        raise TypeError(f"position must be an int or {batch} ints, got {position!r}")
-    p = p.long().expand(batch) if p.dim() == 0 else p.long()
-    if p.shape != (batch,):
-        raise ValueError(f"position must be an int or {batch} ints (one per sequence), got {p.numel()}")
+    p = check_positions(position, batch, length, logits.device)
+    return logits.detach()[torch.arange(batch, device=logits.device), p], p
+
+
+def check_positions(position, batch: int, length: int, device) -> Tensor:
+    """``position`` (an int, or one per sequence; negative counts from the end) as ``(batch,)``
+    indices into sequences of ``length``, or the error that names what is wrong."""
+    p = _per_sequence(position, batch, "position", device)
     outside = (p < -length) | (p >= length)
     if bool(outside.any()):
         raise ValueError(f"position {int(p[outside][0])} is beyond the sequence of {length} "
                          f"tokens (valid: 0..{length - 1}, or -{length}..-1)")
-    p = torch.where(p < 0, p + length, p)
-    return logits.detach()[torch.arange(batch, device=logits.device), p], p
+    return torch.where(p < 0, p + length, p)
 
 
-def _targets(target, rows: Tensor, what: str) -> Tensor:
+def check_targets(target, rows: Tensor, what: str) -> Tensor:
+    """``target`` (an int, or one per sequence; ``None``: the top one) as ``(B,)`` indices into
+    the rows of logits ``rows``, or the error that names what is wrong (``what`` the rows hold)."""
     batch, size = rows.shape
     if target is None:
         return rows.argmax(1)
-    t = torch.as_tensor(target, device=rows.device)
-    if t.is_floating_point() or t.dtype == torch.bool or t.dim() > 1:
-        raise TypeError(f"target must be an int or {batch} ints, got {target!r}")
-    t = t.long().expand(batch) if t.dim() == 0 else t.long()
-    if t.shape != (batch,):
-        raise ValueError(f"target must be an int or {batch} ints (one per sequence), got {t.numel()}")
+    t = _per_sequence(target, batch, "target", rows.device)
     outside = (t < 0) | (t >= size)
     if bool(outside.any()):
         raise ValueError(f"target {int(t[outside][0])} is outside the logits: the model has "
                          f"{size} {what} (valid: 0..{size - 1})")
+    return t
+
+
+def _per_sequence(value, batch: int, name: str, device) -> Tensor:
+    t = torch.as_tensor(value, device=device)
+    if t.is_floating_point() or t.dtype == torch.bool or t.dim() > 1:
+        raise TypeError(f"{name} must be an int or {batch} ints, got {value!r}")
+    t = t.long().expand(batch).clone() if t.dim() == 0 else t.long()
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be an int or {batch} ints (one per sequence), got {t.numel()}")
     return t

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..text import _check_ids, _check_mask, model_logits, padded_positions
+from ..text import _check_ids, _check_mask, check_positions, check_targets, model_logits, padded_positions
 from . import scores as _scores
 from .flipping import warn_if_training
 from .order import ORDERS
@@ -172,7 +172,8 @@ def token_flipping(
     with torch.inference_mode():
         clean = _forward(model, ids, mask)
         positions = _positions(clean, position, ids.shape)
-        targets = _targets(target, _at(clean, positions))
+        what = "classes" if positions is None else "token ids"
+        targets = check_targets(target, _at(clean, positions), what)
         removable = (mask == 1) if positions is None else (mask == 1) & (
             torch.arange(ids.shape[1], device=ids.device) <= positions[:, None])
         scores = _log_probability(clean, positions, targets)
@@ -298,30 +299,7 @@ def _check_relevance(relevance, ids: Tensor) -> Tensor:
 
 
 def _positions(logits: Tensor, position, shape) -> Tensor | None:
-    if logits.dim() == 2:
-        return None
-    batch, length = shape
-    p = torch.as_tensor(position, device=logits.device)
-    if p.is_floating_point() or p.dim() > 1:
-        raise TypeError(f"position must be an int or {batch} ints, got {position!r}")
-    p = p.long().expand(batch) if p.dim() == 0 else p.long()
-    if p.shape != (batch,) or bool(((p < -length) | (p >= length)).any()):
-        raise ValueError(f"position {position!r} must be one int or {batch} ints in -{length}..{length - 1}")
-    return torch.where(p < 0, p + length, p)
-
-
-def _targets(target, rows: Tensor) -> Tensor:
-    batch, size = rows.shape
-    if target is None:
-        return rows.argmax(1)
-    t = torch.as_tensor(target, device=rows.device)
-    if t.is_floating_point() or t.dim() > 1:
-        raise TypeError(f"target must be an int or {batch} ints, got {target!r}")
-    t = t.long().expand(batch) if t.dim() == 0 else t.long()
-    if t.shape != (batch,) or bool(((t < 0) | (t >= size)).any()):
-        raise ValueError(f"target {target!r} must be one int or {batch} ints in 0..{size - 1} (the logits have "
-                         f"{size} entries)")
-    return t.clone()
+    return None if logits.dim() == 2 else check_positions(position, *shape, logits.device)
 
 
 def number_of_token_calls(batch: int, orders: int, steps: int, batch_size: int) -> int:

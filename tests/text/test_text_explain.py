@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lrpx
-from toy_lm import BagClassifier, BagLM, ToyLM, converted, greedy
+from toy_lm import BagClassifier, BagLM, ToyLM, converted, greedy, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,29 +160,20 @@ def test_explain_generated_follows_greedy_decoding():
 
 
 def test_explain_generated_with_transformers_generate():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(5)
-    config = transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2,
-                                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2(5, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     prompt = torch.tensor([[0, 5, 6], [7, 8, 9]])
     mask = torch.ones_like(prompt)
     sequences = model.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False, min_new_tokens=3)
     full_mask = torch.ones_like(sequences)
-    # convert refuses GPT-2 today (Conv1D has no twin): the plain model gives gradient x logit,
-    # which is enough for the bookkeeping of positions and targets checked here
-    result = lrpx.explain_generated(model, sequences, 4, attention_mask=full_mask)
+    result = lrpx.explain_generated(lrpx.convert(model), sequences, 4, attention_mask=full_mask)
     assert torch.equal(result.target, sequences[:, 4])
     torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
     assert result.relevance.shape == (2, 4) and result.logits.shape == (2, 4, 24)
 
 
 def test_left_padding_of_gpt2_is_invisible():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(7)
-    config = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=0,
-                                     bos_token_id=0, eos_token_id=0, initializer_range=0.5)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    # the plain model (gradient x logit): the bookkeeping of positions is what is checked here
+    model = tiny_gpt2(7, 20, pad_token_id=0, bos_token_id=0, eos_token_id=0, initializer_range=0.5)
     padded = lrpx.explain_tokens(model, torch.tensor([[0, 0, 5, 6, 7]]), 3,
                                  attention_mask=torch.tensor([[0, 0, 1, 1, 1]]))
     alone = lrpx.explain_tokens(model, torch.tensor([[5, 6, 7]]), 3)
@@ -190,21 +181,30 @@ def test_left_padding_of_gpt2_is_invisible():
     torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance)
 
 
+@pytest.mark.xfail(strict=True, reason="a converted GPT-2 on a left-padded batch: NaN relevance with sdpa "
+                   "attention; with eager attention the real tokens' relevance differs from the unpadded sequence's")
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_left_padding_of_converted_gpt2_is_invisible(attention):
+    model = tiny_gpt2(7, 20, pad_token_id=0, bos_token_id=0, eos_token_id=0, initializer_range=0.5)
+    model.config._attn_implementation = attention
+    lrp_model = lrpx.convert(model)
+    padded = lrpx.explain_tokens(lrp_model, torch.tensor([[0, 0, 5, 6, 7]]), 3,
+                                 attention_mask=torch.tensor([[0, 0, 1, 1, 1]]))
+    alone = lrpx.explain_tokens(lrp_model, torch.tensor([[5, 6, 7]]), 3)
+    torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance)
+
+
 def test_explain_generated_of_left_padded_prompts():
     # generate numbers the positions of left-padded prompts by their real tokens; explaining its
     # tokens must see the same logits, so each generated token is the top one of its prefix
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(8)
     # no end-of-sequence token: generate then takes the plain top token at every step
-    config = transformers.GPT2Config(vocab_size=24, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=1,
-                                     bos_token_id=0, eos_token_id=None, initializer_range=0.5)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2(8, pad_token_id=1, bos_token_id=0, eos_token_id=None, initializer_range=0.5)
     prompt = torch.tensor([[1, 1, 5, 6], [7, 8, 9, 10]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     sequences = model.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert sequences.shape == (2, 7)
     full_mask = torch.cat([mask, torch.ones(2, sequences.shape[1] - 4, dtype=mask.dtype)], dim=1)
-    for index in range(4, sequences.shape[1]):
+    for index in range(4, sequences.shape[1]):  # the plain model: positions and targets are checked
         result = lrpx.explain_generated(model, sequences, index, attention_mask=full_mask)
         torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
         assert (result.relevance[0, :2] == 0).all()

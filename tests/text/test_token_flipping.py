@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lrpx
-from toy_lm import BagClassifier, ToyLM
+from toy_lm import BagClassifier, ToyLM, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,7 +145,7 @@ def test_calls_are_batched():
     (dict(order="best"), "order must be one or several"),
     (dict(steps=0), "steps must be a positive int"),
     (dict(relevance=torch.zeros(1, 2)), r"relevance must be a tensor of shape \(1, 3\)"),
-    (dict(target=5), "must be one int or 1 ints in 0..1"),
+    (dict(target=5), r"target 5 is outside the logits: the model has 2 classes \(valid: 0..1\)"),
     (dict(batch_size=0), "batch_size must be a positive int"),
 ])
 def test_errors(kwargs, message):
@@ -158,11 +158,7 @@ def test_errors(kwargs, message):
 def test_deleting_from_gpt2_matches_unpadded_loop():
     # GPT-2 numbers positions from the first column unless position_ids are given: the left-padded
     # sequences of "delete" must see their tokens where the unpadded ones do
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(6)
-    config = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=8, n_layer=1, n_head=2, pad_token_id=0,
-                                     bos_token_id=0, eos_token_id=0, initializer_range=0.5)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2(6, 20, pad_token_id=0, bos_token_id=0, eos_token_id=0, initializer_range=0.5)
     ids = torch.tensor([[0, 0, 3, 5, 7, 2], [4, 9, 1, 8, 6, 3]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     relevance = torch.randn(2, 6)

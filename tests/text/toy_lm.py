@@ -116,3 +116,13 @@ def greedy(model: nn.Module, prompt: Tensor, new_tokens: int) -> Tensor:
             logits = model(input_ids=sequences).logits
             sequences = torch.cat([sequences, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return sequences
+
+
+def tiny_gpt2(seed: int, vocabulary: int = 24, **config):
+    """A one-layer GPT-2 language model (hidden size 8, random weights from ``seed``), or a skip
+    where transformers is not installed."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocabulary, n_positions=16, n_embd=8, n_layer=1, n_head=2, **config)).eval()
