@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .rules.base import Layer, Rule, compiling, stabilize
+from .rules.base import Layer, Rule, batched, compiling, stabilize
 
 __all__ = ["LRPFunction", "lrp_apply", "fused_relu", "stabilize"]
 
@@ -62,6 +62,12 @@ class LRPFunction(torch.autograd.Function):
                 saved[name] = values[at]
                 at += 1
         rule = ctx.rule.relevance_after_relu if ctx.relu else ctx.rule.relevance
+        live = _live_rows(ctx.layer, ctx.rule, relevance) if ctx.count == 1 else None
+        if live is not None:  # the rule on the rows that carry relevance; the others get none
+            shape = saved["input"].shape
+            saved = {k: _rows(v, live) if k in ("input", "output") and v is not None else v
+                     for k, v in saved.items()}
+            relevance = _rows(relevance, live)
         dtype = relevance.dtype
         if dtype in _HALF:  # the rule in float32, its result in the dtype of the inputs
             saved = {k: _float(v) for k, v in saved.items()}
@@ -70,12 +76,41 @@ class LRPFunction(torch.autograd.Function):
                 tuple(None if r is None else r.to(dtype) for r in relevance_in)
         else:
             relevance_in = rule(ctx.layer, relevance, **saved)
+        if live is not None:
+            rows = relevance_in.new_zeros((shape.numel() // shape[-1], shape[-1]))
+            relevance_in = rows.index_copy_(0, live, relevance_in).view(shape)
         if ctx.count == 1:
             return None, None, None, None, None, relevance_in
         return (None, None, None, None, None, *relevance_in)
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+#: off the CPU, reading which rows are live makes the host wait for the device: worth it only
+#: for relevance this large (a language model's head: tokens x vocabulary)
+_LARGE = 1 << 22
+
+
+def _live_rows(layer: Layer, rule: Rule, relevance: Tensor) -> Tensor | None:
+    """The indices of the rows (last axis) of ``relevance`` that are not all zero, when at most
+    half of them are and both the layer and the rule act on each row alone (``row_local``): a
+    language model's head, of whose tokens x vocabulary logits one row is explained. ``None``
+    (all rows) otherwise, and in batched backward passes and under ``torch.compile``."""
+    if not (getattr(layer, "row_local", False) and getattr(rule, "row_local", False)) or relevance.dim() < 2:
+        return None
+    rows = relevance.numel() // max(relevance.shape[-1], 1)
+    if rows < 2 or compiling() or batched(relevance):
+        return None
+    if relevance.device.type != "cpu" and relevance.numel() < _LARGE:
+        return None
+    flat = relevance.reshape(rows, -1)  # two vectorised reductions; NaN rows count as live
+    live = (flat.amax(-1) != 0).logical_or_(flat.amin(-1) != 0).nonzero().squeeze(1)
+    return live if 2 * live.numel() <= rows else None
+
+
+def _rows(t: Tensor, index: Tensor) -> Tensor:
+    """The rows ``index`` of ``t`` flattened to (rows, last axis)."""
+    return t.reshape(-1, t.shape[-1]).index_select(0, index)
 
 
 def _float(value):

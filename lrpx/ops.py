@@ -34,9 +34,11 @@ def _shape(input: Tensor | torch.Size) -> torch.Size:
 
 @dataclass(frozen=True)
 class LinearOps:
-    """``F.linear``; VJP ``s @ W``."""
+    """``F.linear``; VJP ``s @ W``. Each row (last axis) of the output depends on the same row
+    of the input alone (``row_local``)."""
 
     kind: ClassVar[str] = "weighted"
+    row_local: ClassVar[bool] = True
     channel_axis: int = -1
     input_nonnegative: bool = False
 

@@ -179,6 +179,11 @@ class Rule(metaclass=_Frozen):
         Whether the rule may read ``relu(z)`` for the saved output ``z`` of a layer whose only
         reader is a ReLU (``convert`` then lets the layer apply that ReLU): true when the
         rule's relevance at units with ``z <= 0`` does not matter, since none reaches them.
+    ``row_local``
+        Whether the relevance of each row (last axis) of the input of a layer that maps rows
+        to rows (``Linear``) depends on that row and its output row alone. A row whose
+        relevance is all zero then passes none, and lrpx runs the rule on the other rows only
+        (a language model's head, where one of tokens x vocabulary rows is explained).
     ``epsilon``
         The stabilizer, ``1e-6`` unless the rule sets its own.
 
@@ -193,6 +198,7 @@ class Rule(metaclass=_Frozen):
     saves: tuple[str, ...] = ("input", "weight", "bias", "output")
     kinds: frozenset[str] = frozenset({"weighted"})
     fusable: bool = False
+    row_local: bool = False
     epsilon: float = 1e-6
 
     def __init_subclass__(cls, **kwargs) -> None:

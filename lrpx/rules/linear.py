@@ -62,6 +62,10 @@ class Epsilon(Rule):
     def fusable(self) -> bool:  # type: ignore[override]
         return not self.relative  # the relative stabilizer reads the RMS of all of z
 
+    @property
+    def row_local(self) -> bool:  # type: ignore[override]
+        return not self.relative
+
     def _stabilizer(self, z: Tensor) -> float | Tensor:
         if not self.relative:
             return self.epsilon
@@ -93,6 +97,7 @@ class AlphaBeta(Rule):
 
     saves = ("input", "weight", "bias")  # its denominators are forwards of their own
     fusable = True
+    row_local = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6) -> None:
         alpha, beta = nonnegative_number("alpha", alpha), nonnegative_number("beta", beta)
@@ -190,6 +195,7 @@ class Gamma(Rule):
     """
 
     fusable = True
+    row_local = True
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
         self.gamma = nonnegative_number("gamma", gamma)
