@@ -17,6 +17,7 @@ The conversion is a fixed sequence of passes over one model graph
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.fx as fx
@@ -143,6 +144,7 @@ def _rules_at_run_time(model: nn.Module, graph: ModelGraph, composite: Composite
         own = _rule_by_class(composite, module)
         cls = type(module)
         if cls not in _OPLEVEL_CLASSES:
+            @functools.wraps(cls.forward)  # its signature too: callers read it (position_ids, generate)
             def forward(self, *args, _forward=cls.forward, **kwargs):
                 with OpRules(self.lrpx_rules, type(self).__qualname__):
                     return _forward(self, *args, **kwargs)

@@ -75,7 +75,8 @@ def test_one_forward_equals_the_repeated_input(case):
     torch.testing.assert_close(one.relevance, repeated.relevance, rtol=1e-12, atol=1e-14 * scale)
     for name in record:
         torch.testing.assert_close(one.recorded[name], repeated.recorded[name], rtol=1e-12, atol=1e-14 * scale)
-    torch.testing.assert_close(one.output, repeated.output, rtol=0, atol=0)
+    # the forwards of 2 and of 4 rows may take different convolution kernels: float64 rounding apart
+    torch.testing.assert_close(one.output, repeated.output, rtol=1e-13, atol=0)
     assert one.target.tolist() == [1, 3] and one.conditions == normalized
     # every pass size gives the same rows in the same order
     for rows in (1, 3, 100):

@@ -75,6 +75,11 @@ def test_which_rows_are_live():
     assert _live_rows(ops, lrpx.rules.ZBox(-1.0, 1.0), r) is None         # bounds may be per element
     r[:, :, 0] = float("nan")                                           # NaN rows are live
     assert _live_rows(ops, rule, r) is None
+    many = torch.zeros(100, 4)
+    many[[3, 50, 99], 1] = 1.0
+    assert _live_rows(ops, rule, many).tolist() == [3, 50, 99]
+    many[:60, 2] = -1.0                                                 # 62 of 100: dense
+    assert _live_rows(ops, rule, many) is None
 
 
 def test_relative_epsilon_keeps_the_whole_sample():

@@ -204,20 +204,26 @@ def _matmul_parts(a, b, R, e, equation=None):
 
 
 def _sdpa_absorbed(m, inputs, kwargs, R) -> torch.Tensor:
+    return sdpa_absorbed(*inputs[:3], R, kwargs.get("attn_mask"), kwargs.get("is_causal", False),
+                         kwargs.get("scale"), m.rule.epsilon)
+
+
+def sdpa_absorbed(q, k, v, R, mask=None, is_causal=False, scale=None, e=1e-6) -> torch.Tensor:
     """R_out minus R_in of scaled dot-product attention, written out from the rules: scale
-    and mask pass, the two products take the matmul rule, the softmax the Taylor rule."""
-    q, k, v = inputs[:3]
-    e = m.rule.epsilon
-    scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-    qs = q * scale
+    and mask pass, the two products take the matmul rule, the softmax the Taylor rule; a query
+    whose keys are all masked has weights 0. Key/value heads fewer than the query heads are
+    repeated to them."""
+    if k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], -3) for t in (k, v))
+    qs = q * (scale or q.shape[-1] ** -0.5)
     scores = qs @ k.transpose(-2, -1)
     masked = scores
-    mask = kwargs.get("attn_mask")
-    if kwargs.get("is_causal"):
+    if is_causal:
         masked = masked.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
     if mask is not None:
         masked = masked.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else masked + mask
-    A = torch.softmax(masked, -1)
+    dead = (masked == float("-inf")).all(-1, keepdim=True)
+    A = torch.softmax(masked, -1).masked_fill(dead, 0.0)
     R_A, R_v = _matmul_parts(A, v, R, e)
     R_s = (masked * (R_A - A * R_A.sum(-1, keepdim=True))).masked_fill(masked == float("-inf"), 0)
     if mask is not None and mask.dtype != torch.bool:  # a non-zero bias on the scores keeps its share

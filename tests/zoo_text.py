@@ -16,6 +16,7 @@ import lrpx
 from lrpx import ops
 from lrpx.core import LRPFunction
 from lrpx.layers import attention as attention_layers
+from zoo import sdpa_absorbed
 
 transformers = __import__("pytest").importorskip("transformers")
 
@@ -126,6 +127,7 @@ class OpRecorder:
     def __enter__(self):
         original = LRPFunction.apply  # Function.apply, bound to LRPFunction
         self._biased = attention_layers._biased
+        attend = attention_layers._Attention.apply
         recorder = self
 
         def apply(layer, rule, relu, weight, bias, *inputs):
@@ -138,12 +140,19 @@ class OpRecorder:
             recorder._record("biased", None, epsilon, (scores, bias), output, None, None)
             return output
 
+        def attention(query, key, value, mask, is_causal, scale, enable_gqa, epsilon):
+            output = attend(query, key, value, mask, is_causal, scale, enable_gqa, epsilon)
+            recorder._record("attention", (mask, is_causal, scale), epsilon, (query, key, value), output, None, None)
+            return output
+
         LRPFunction.apply = staticmethod(apply)
+        attention_layers._Attention.apply = staticmethod(attention)
         attention_layers._biased = biased
         return self
 
     def __exit__(self, *exc):
         del LRPFunction.apply  # Function.apply again
+        del attention_layers._Attention.apply
         attention_layers._biased = self._biased
         return False
 
@@ -170,6 +179,11 @@ def absorbed(c: dict) -> torch.Tensor:
     R, z, layer, rule = c["relevance"].double(), c["output"].double(), c["layer"], c["rule"]
     xs = [t.double() for t in c["inputs"]]
     carries = c["carries"]
+    if c["what"] == "attention":  # the rules of scaled dot-product attention, written out
+        mask, is_causal, scale = layer
+        if mask is not None and mask.is_floating_point():
+            mask = mask.double()
+        return sdpa_absorbed(*xs, R, mask, is_causal, scale, rule)
     if c["what"] == "biased":  # scores + bias: the scores take s R / stab(s + b) where b != 0
         scores, bias = xs
         share = torch.where(bias == 0, 1.0, scores / stab(z, rule)).to(R.dtype)

@@ -181,17 +181,31 @@ def test_left_padding_of_gpt2_is_invisible():
     torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance)
 
 
-@pytest.mark.xfail(strict=True, reason="a converted GPT-2 on a left-padded batch: NaN relevance with sdpa "
-                   "attention; with eager attention the real tokens' relevance differs from the unpadded sequence's")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_left_padding_of_converted_gpt2_is_invisible(attention):
-    model = tiny_gpt2(7, 20, pad_token_id=0, bos_token_id=0, eos_token_id=0, initializer_range=0.5)
-    model.config._attn_implementation = attention
+def test_left_padding_of_a_converted_model_is_invisible(family, attention):
+    """Left padding changes neither the score nor the real tokens' relevance: the converted
+    model keeps ``forward``'s signature (so ``position_ids`` count the real tokens, as
+    ``generate`` does), and queries that may attend to no key pass no relevance (no NaN)."""
+    if family == "gpt2":
+        model = tiny_gpt2(7, 20, pad_token_id=0, bos_token_id=0, eos_token_id=0, initializer_range=0.5)
+        model.config._attn_implementation = attention
+    else:
+        import zoo_text
+        model = zoo_text.randomized(zoo_text.families()["llama"][0](attention)).float()
     lrp_model = lrpx.convert(model)
     padded = lrpx.explain_tokens(lrp_model, torch.tensor([[0, 0, 5, 6, 7]]), 3,
                                  attention_mask=torch.tensor([[0, 0, 1, 1, 1]]))
     alone = lrpx.explain_tokens(lrp_model, torch.tensor([[5, 6, 7]]), 3)
+    torch.testing.assert_close(padded.score, alone.score)
+    assert torch.isfinite(padded.relevance).all() and (padded.relevance[:, :2] == 0).all()
     torch.testing.assert_close(padded.relevance[:, 2:], alone.relevance)
+
+
+def test_a_converted_model_keeps_the_signature_of_forward():
+    import inspect
+    model = tiny_gpt2(7, 20)
+    assert inspect.signature(lrpx.convert(model).forward) == inspect.signature(model.forward)
 
 
 def test_explain_generated_of_left_padded_prompts():
