@@ -1,7 +1,7 @@
 """Token relevance of lrpx against LXT (AttnLRP's reference code) on a Llama-shaped model: agreement and time.
 
     pip install --no-deps --target /tmp/lxt-env "lxt==2.1.*"
-    pip install --target /tmp/lxt-env "transformers<4.55"
+    pip install --target /tmp/lxt-env "transformers<4.55"   # then remove any /tmp/lxt-env/torch*, nvidia*
     python benchmarks/bench_lxt.py --layers 2 --hidden 64 --tokens 32 --dtype float64 --attention eager
     python benchmarks/bench_lxt.py --layers 4 --hidden 256 --tokens 512 --threads 2
 
@@ -23,6 +23,12 @@ for the plain gradient x input. Time: each process times its method against the 
 of the logit with respect to the input embeddings in the unexplained model (LXT's patches
 swapped out), interleaved round by round, medians after a warm-up; each ratio is to its own
 process's gradient.
+
+The rules are the same (AttnLRP); the relevance differs where LXT's gradient x input has no
+stabiliser (lrpx's epsilon 1e-6 on linear layers, residual sums and attention's matrix products),
+in LXT's epsilon 1e-10 in the identity rule of SiLU (``y / (x + 1e-10)``), and, in float64, in
+transformers' casts to float32 in RMSNorm and eager softmax (both forwards, and LXT's gradient
+through them, are float32 there).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from importlib.metadata import version
 
 import torch
 
@@ -68,7 +75,6 @@ def gradient_step(model, ids: torch.Tensor, **kwargs):
 
 def lxt_child(args: argparse.Namespace) -> None:
     """Run LXT on the saved model and ids (in the process with the older transformers)."""
-    import lxt
     import transformers
     from lxt.efficient import monkey_patch
     from transformers.models.llama import modeling_llama
@@ -83,6 +89,8 @@ def lxt_child(args: argparse.Namespace) -> None:
     plain = [getattr(owner, name) for owner, name in places]
     monkey_patch(modeling_llama)
     patched = [getattr(owner, name) for owner, name in places]
+    if all(a is b for a, b in zip(plain, patched)):
+        raise RuntimeError("lxt.efficient.monkey_patch changed nothing in modeling_llama")
 
     def use(values):
         for (owner, name), value in zip(places, values):
@@ -104,15 +112,8 @@ def lxt_child(args: argparse.Namespace) -> None:
     relevance, logits = explain()
     times = interleaved({"gradient": plain_gradient, "lxt": explain}, torch.device("cpu"), args.repeat, warmup=1)
     torch.save({"relevance": relevance.double(), "logits": logits[:, -1].double(), "times": times,
-                "transformers": transformers.__version__,
-                "lxt": getattr(lxt, "__version__", None) or _distribution_version("lxt")},
+                "transformers": transformers.__version__, "lxt": version("lxt")},
                os.path.join(args.lxt_child, "result.pt"))
-
-
-def _distribution_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 def run_lxt(args: argparse.Namespace, model, ids: torch.Tensor) -> dict:
