@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .rewrite import RESHAPES, _is_product, tags
+from .rewrite import RESHAPES, _is_product, relevance_to, tags
 
 __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 
@@ -33,7 +33,9 @@ _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.
                       # padding: the padded positions are constants, the rest moves
                       F.pad, F.unfold,
                       # the k largest values (a router's choice of experts) take their relevance
-                      torch.topk}
+                      torch.topk,
+                      # the end of a precision round trip passes its relevance to its start
+                      relevance_to}
 #: functions whose first argument a parameter may pass through and still only move
 ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
 ROUTING_METHODS = frozenset(_ROUTING_METHODS)

@@ -67,8 +67,7 @@ def test_rms_scaling_passes_relevance(cls):
     x = torch.randn(3, 8, generator=g, dtype=torch.float64)
     R = torch.randn(3, 8, generator=g, dtype=torch.float64)
     lrp, rel = _relevance(cls(8), x, R)
-    if cls is OnePlusRMSNorm:  # the relevance passes float32 values: rounded there
-        R = R.float().double()
+    # (OnePlusRMSNorm computes in float32: its relevance skips that round trip, not rounded)
     np.testing.assert_array_equal(rel.numpy(), R.numpy())
     assert all(p.grad is None for p in lrp.parameters())
 
@@ -116,3 +115,46 @@ def test_convnextv2_global_response_norm_converts_and_accounts():
     rel, logit, absorbed = _explain_and_account(lrp, x)
     assert torch.isfinite(rel).all()
     assert float((rel.sum() + absorbed - logit).abs().detach() / logit.abs()) <= 1e-8
+
+
+class Float32RMSNorm(RMSNorm):
+    """Llama's RMSNorm as transformers writes it: float32 inside, the input's dtype outside."""
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(dtype)
+
+
+class Float32Scaled(nn.Module):
+    """The same round trip around a product of two activations: no tunnel (relevance is split)."""
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        return (h * h.sigmoid()).to(x.dtype)
+
+
+def _net(norm: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), norm, nn.Linear(8, 3)).double().eval()
+
+
+def test_a_precision_round_trip_passes_relevance_unrounded():
+    """The float32 segment's forward is kept (the output equals the original exactly) while its
+    relevance skips the segment: what reaches the norm's output reaches its input unchanged, not
+    rounded to float32 (through the segment it would be, by ~1e-8)."""
+    model = _net(Float32RMSNorm(8))
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lrp = lrpx.convert(model)
+    torch.testing.assert_close(lrp(x), model(x), rtol=0, atol=0)
+    assert "relevance_to" in lrp[1].code
+    g = torch.Generator().manual_seed(2)
+    h, R = (torch.randn(4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    _, rel = _relevance(Float32RMSNorm(8), h, R)
+    np.testing.assert_array_equal(rel.numpy(), R.numpy())
+
+
+def test_a_round_trip_around_a_product_of_activations_is_not_tunnelled():
+    lrp = lrpx.convert(_net(Float32Scaled()))
+    assert "relevance_to" not in lrp[1].code

@@ -9,7 +9,6 @@ it sees both.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lrpx
