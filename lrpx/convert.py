@@ -110,6 +110,7 @@ def convert(
     if composite is not None and not isinstance(composite, Composite):
         raise TypeError(f"composite must be an lrpx.Composite (e.g. lrpx.composites.epsilon_plus()), "
                         f"got {type(composite).__name__}")
+    _check_attention_implementations(model)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     adopt(target)  # torchvision's detection modules: see lrpx.detection
@@ -214,6 +215,24 @@ def _sizes(graph: ModelGraph, name: str) -> set[str]:
             if any(kinds[id(site.graph)][v] == "input" for v in nodes):
                 passed.add(param)
     return set(names) - passed
+
+
+#: the attention implementations of Hugging Face models (``config._attn_implementation``) whose
+#: operations lrpx sees; the others run kernels no rule reaches (flash, flex, paged attention)
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def _check_attention_implementations(model: nn.Module) -> None:
+    """Modules with a Hugging Face ``config`` name their attention implementation: one lrpx
+    cannot see into raises a ValueError that names the module and the implementations that work."""
+    for name, module in model.named_modules():
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if isinstance(implementation, str) and implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"'{name or '<root>'}' ({type(module).__qualname__}) uses the attention implementation "
+                f"{implementation!r}, a kernel that no LRP rule reaches; lrpx explains "
+                f"{' and '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}: load the model with "
+                "attn_implementation='sdpa' or set model.config._attn_implementation = 'sdpa'")
 
 
 def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]], model: nn.Module) -> None:

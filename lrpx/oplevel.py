@@ -30,7 +30,8 @@ no relevance of the input, although they require grad: they are constants to the
 
 Indexing, reshapes, rolls, padding, concatenation and max pooling keep their gradient, which
 moves relevance. Any other operation on values from the input keeps its gradient too, and is
-reported once with an :class:`UnruledOperationWarning` that names the module and the operation. The mode is a ``torch.overrides.TorchFunctionMode``: per thread, active only
+reported with an :class:`UnruledOperationWarning` that names the module and the operation when
+relevance reaches it in backward (not if its result only feeds a statistic held constant). The mode is a ``torch.overrides.TorchFunctionMode``: per thread, active only
 inside that module's forward, and inactive inside twins (their own operations are theirs).
 Operations on tensors that do not require grad run unchanged, so a forward under
 ``torch.no_grad`` computes exactly what the original does.
@@ -61,6 +62,21 @@ __all__ = ["OpRules", "UnruledOperationWarning"]
 class UnruledOperationWarning(UserWarning):
     """An operation on values from the input, in forward code that takes its rules at run time,
     that lrpx has no rule for: its plain gradient passes as relevance."""
+
+
+class _Reported(torch.autograd.Function):
+    """The identity; its backward warns (:class:`UnruledOperationWarning`) when relevance
+    reaches it."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, message: str) -> Tensor:
+        ctx.message = message
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):
+        warnings.warn(ctx.message, UnruledOperationWarning, stacklevel=2)
+        return relevance, None
 
 
 _PASS = Pass()
@@ -132,11 +148,15 @@ class OpRules(TorchFunctionMode):
         done = self._with_rule(func, args, kwargs)
         if done is not NotImplemented:
             return done
-        if func not in ROUTING_FUNCTIONS and getattr(func, "__name__", "") not in _MOVES:
-            warnings.warn(f"{self.where or 'a module'} applies {getattr(func, '__name__', func)} to values computed "
-                          "from the input at run time: lrpx has no rule for it, so its plain gradient passes as "
-                          "relevance", UnruledOperationWarning, stacklevel=2)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in ROUTING_FUNCTIONS or getattr(func, "__name__", "") in _MOVES:
+            return out
+        # reported when relevance reaches it: a value that only feeds a statistic (x ** 2 under a
+        # root, held constant) passes none
+        message = (f"{self.where or 'a module'} applies {getattr(func, '__name__', func)} to values computed from "
+                   "the input at run time: lrpx has no rule for it, so its plain gradient passes as relevance")
+        return torch.utils._pytree.tree_map_only(
+            Tensor, lambda t: _Reported.apply(t, message) if t.requires_grad else t, out)
 
     def _with_rule(self, func, args, kwargs):
         rules = self.rules
@@ -178,7 +198,7 @@ class OpRules(TorchFunctionMode):
         statistic = held_root(func, args, kwargs)  # rsqrt(mean(x ** 2) + eps) and the like: constants
         if statistic is not NotImplemented:
             return statistic
-        if func in _ACTIVATIONS and kwargs.get("inplace"):
+        if func in _ACTIVATIONS and "inplace" in kwargs:  # (nn.ReLU passes inplace=False by name)
             kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # never in place on a saved output
         if kwargs and func not in _SOFTMAX and func not in _REDUCE:
             return NotImplemented

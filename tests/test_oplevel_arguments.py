@@ -36,3 +36,22 @@ def test_constants_are_not_carried():
     with mode:
         derived = table * 2  # computed from a parameter alone: no relevance of the input
     assert derived.requires_grad and not mode._any_carries(([derived],))
+
+
+def test_activation_called_with_inplace_false_by_name_takes_its_rule():
+    """``nn.ReLU`` calls ``F.relu(x, inplace=False)``: the keyword is no reason to give up the rule."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    import lrpx
+    from lrpx.rules import Pass
+
+    x = torch.tensor([[-1.0, 2.0, 3.0]], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lrpx.oplevel.UnruledOperationWarning)
+        with OpRules({"elementwise": Pass()}):
+            y = F.relu(x * 1.0, inplace=False)
+    assert type(y.grad_fn).__name__ == "LRPFunctionBackward"
+    # Pass gives the output's relevance to the input as it is; the plain gradient would mask it
+    assert torch.autograd.grad(y, x, torch.ones_like(y))[0].tolist() == [[1.0, 1.0, 1.0]]

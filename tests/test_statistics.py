@@ -77,6 +77,18 @@ def test_runtime_statistics_need_no_trace():
     assert list(lrp.lrpx_graph.oplevel) == ["0"]
 
 
+def test_an_operation_that_only_feeds_a_held_statistic_is_not_reported():
+    """``x.pow(2)`` has no rule, but at run time its result only feeds the root (held constant):
+    no relevance reaches it, so no UnruledOperationWarning."""
+    import warnings
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lrpx.oplevel.UnruledOperationWarning)
+        _, rel = _relevance(Branchy(4), x, torch.ones(3, 4, dtype=torch.float64))
+    assert torch.isfinite(rel).all()
+
+
 def test_written_layer_norm_centring_takes_the_sum_rule():
     """``c / sqrt(var(c) + eps)`` with ``c = x - mean(x)``: the division passes relevance to ``c``,
     whose sum ``x + (-mean(x))`` splits it in proportion (Norm rule, epsilon 1e-6), and the mean

@@ -228,3 +228,12 @@ def test_readme_table_is_current():
     stored = readme.split(START)[1].split(END)[0].strip()
     assert stored == table(list(FAMILIES)), \
         "README.md's transformers table is out of date: run python tests/transformers_table.py --write README.md"
+
+
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_attention_kernels_without_rules_are_refused(implementation):
+    model, _ = _model("llama", "sdpa")
+    model.config._attn_implementation = implementation
+    with pytest.raises(ValueError, match=f"'<root>' \\(LlamaForCausalLM\\) uses the attention implementation "
+                                         f"'{implementation}'.*'eager' and 'sdpa'"):
+        lrpx.convert(model)
