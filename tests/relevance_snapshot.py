@@ -8,8 +8,10 @@ a change of the engine that should not change any value can be checked against t
 A fingerprint of a relevance map ``R`` (float64) is, per sample, its sum, its L1 norm and its
 projections on eight fixed vectors ``v_k[i] = cos(1.618 k i + k)`` (formula, not a random
 generator, so that it is the same on every machine and torch version). A change of any
-entry by ``d`` moves some projection by about ``d``; ``tests/test_unchanged.py`` compares with
-a tolerance of ``1e-12`` times the sample's L1 norm.
+entry by ``d`` moves some projection by about ``d``; ``tests/test_coverage.py`` compares with
+a tolerance of ``1e-10`` times the sample's L1 norm: float64 rounding differs between machines
+(their matrix-product kernels), by up to 2e-11 measured (the alpha-beta presets amplify it), and
+a change of a rule moves the fingerprints by far more.
 """
 from __future__ import annotations
 
@@ -74,14 +76,14 @@ def compute(names=None) -> dict[str, dict[str, list[list[float]]]]:
 
 
 def differences(stored: dict, fresh: dict) -> list[str]:
-    """Entries that differ by more than 1e-12 of the sample's L1 norm."""
+    """Entries that differ by more than 1e-10 of the sample's L1 norm."""
     bad = []
     for name, presets in fresh.items():
         for preset, rows in presets.items():
             for sample, (new, old) in enumerate(zip(rows, stored[name][preset])):
                 scale = max(old[1], 1e-300)
                 worst = max(abs(a - b) for a, b in zip(new, old)) / scale
-                if not worst <= 1e-12 or not all(math.isfinite(v) for v in new):
+                if not worst <= 1e-10 or not all(math.isfinite(v) for v in new):
                     bad.append(f"{name} {preset} sample {sample}: {worst:.2e}")
     return bad
 

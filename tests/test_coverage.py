@@ -86,7 +86,8 @@ def test_readme_coverage_table_is_current():
 @pytest.mark.slow
 def test_family_relevance_equals_stored_fingerprints(family):
     """Every preset's relevance equals the values stored before the engine's refactors
-    (tests/relevance_snapshot.py), to 1e-12 of each sample's L1 norm."""
+    (tests/relevance_snapshot.py), to 1e-10 of each sample's L1 norm (float64 rounding differs
+    between machines by up to 2e-11)."""
     name, net, x = family
     stored = json.loads(STORE.read_text())["fingerprints"][name]
     target = net(x).argmax(1)

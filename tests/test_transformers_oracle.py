@@ -15,8 +15,8 @@ value heads), causal softmax attention. The oracle applies, from the formulas:
 * GQA: a key / value head used by two query heads gets the sum of their relevance.
 
 transformers computes RMSNorm in float32 inside a float64 model; the oracle takes the same
-float32 forward values (with torch) and rounds the relevance that crosses that float32 section
-to float32, as the cast's backward does.
+float32 forward values (with torch), and the relevance passes the norm unchanged: all of it
+passes the scaling, in float64 (lrpx does not let the float32 round trip round it).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def rms_forward(x, w, eps):
 
 
 def rms_rule(R):
-    return R.astype(np.float32).astype(np.float64)  # passes; rounded by the float32 section
+    return R  # passes: 1/rms and w are constant factors
 
 
 def rotate_half(x):
@@ -158,5 +158,5 @@ def test_llama_block_matches_numpy_oracle():
         reference = model.model.layers[0](x, position_ids=positions, position_embeddings=(cos, sin))
     torch.testing.assert_close(y.detach(), reference, rtol=1e-12, atol=1e-12)
     scale = np.abs(expected).max()
-    np.testing.assert_allclose(relevance[0].numpy(), expected, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(relevance[0].numpy(), expected, rtol=0, atol=1e-13 * scale)  # measured 7e-15
     assert np.abs(expected).sum() > 0
