@@ -424,13 +424,10 @@ def attention_relevance(query: Tensor, key: Tensor, value: Tensor, relevance: Te
     length, source = q.shape[-2], k.shape[-2]
     budget = _BLOCK_CPU if q.device.type == "cpu" else _BLOCK_DEVICE
     rows = max(16, budget // max(q.shape[:-2].numel() * source, 1))
-    k_t, v_t = k.transpose(-2, -1), v.transpose(-2, -1)
     r_q, g_k, g_v = [], None, None
     for start in range(0, length, rows):
         stop = min(start + rows, length)
-        q_b = q[..., start:stop, :]
-        z = q_b @ k_t
-        x, blocked, share = z, None, None
+        blocked, bias = None, None
         if is_causal:
             blocked = torch.arange(start, stop, device=q.device)[:, None] < torch.arange(source, device=q.device)
         if attn_mask is not None:
@@ -441,8 +438,19 @@ def attention_relevance(query: Tensor, key: Tensor, value: Tensor, relevance: Te
                 minus = mask == float("-inf")
                 bias = mask.masked_fill(minus, 0.0).to(work)
                 blocked = minus if blocked is None else blocked | minus
-                x = z + bias
-                share = torch.where(bias == 0, 1.0, z / stabilize(x, epsilon))
+        span = source  # the keys up to the last one a query of the block may see (causal: up to the block)
+        if blocked is not None:
+            seen = (~blocked).expand(blocked.shape[:-1] + (source,)).reshape(-1, source).any(0).nonzero()
+            span = int(seen.max()) + 1 if seen.numel() else 1
+            blocked = blocked[..., :span]
+            bias = bias[..., :span] if bias is not None and bias.shape[-1] == source else bias
+        q_b = q[..., start:stop, :]
+        k_b, v_b = (k, v) if span == source else (k[..., :span, :], v[..., :span, :])
+        z = q_b @ k_b.transpose(-2, -1)
+        x, share = z, None
+        if bias is not None:  # a bias on the scores keeps its share
+            x = z + bias
+            share = torch.where(bias == 0, 1.0, z / stabilize(x, epsilon))
         a = torch.softmax(x if blocked is None else x.masked_fill(blocked, float("-inf")), -1)
         if attn_mask is not None:  # (a causal mask alone leaves every query a key)
             dead = blocked.all(-1, keepdim=True)
@@ -450,10 +458,9 @@ def attention_relevance(query: Tensor, key: Tensor, value: Tensor, relevance: Te
                 a.masked_fill_(dead, 0.0)
         # whole: no view op, which the rows of a batched backward pass do not take
         r_b = r if stop - start == length else r.narrow(-2, start, stop - start)
-        s = r_b / stabilize(a @ v, epsilon / 2, 0.5)  # stab(2O)
-        r_a = (s @ v_t).mul_(a)
-        g = a.transpose(-2, -1) @ s
-        g_v = g if g_v is None else g_v.add_(g)
+        s = r_b / stabilize(a @ v_b, epsilon / 2, 0.5)  # stab(2O)
+        r_a = (s @ v_b.transpose(-2, -1)).mul_(a)
+        g_v = _accumulate(g_v, a.transpose(-2, -1) @ s, source)
         r_x = torch.addcmul(r_a, a, r_a.sum(-1, keepdim=True), value=-1).mul_(x)
         del r_a, a, s
         if blocked is not None:
@@ -461,14 +468,24 @@ def attention_relevance(query: Tensor, key: Tensor, value: Tensor, relevance: Te
         if share is not None:
             r_x.mul_(share)
         t = r_x.div_(stabilize(z, epsilon / 2, 0.5))  # stab(2Z)
-        r_q.append((t @ k).mul_(q_b))
-        g = t.transpose(-2, -1) @ q_b
-        g_k = g if g_k is None else g_k.add_(g)
+        r_q.append((t @ k_b).mul_(q_b))
+        g_k = _accumulate(g_k, t.transpose(-2, -1) @ q_b, source)
     r_k, r_v = k * g_k, v * g_v
     if repeats > 1:
         r_k, r_v = (t.reshape(t.shape[:-3] + (t.shape[-3] // repeats, repeats) + t.shape[-2:]).sum(-3)
                     for t in (r_k, r_v))
     return torch.cat(r_q, -2).to(dtype), r_k.to(dtype), r_v.to(dtype)
+
+
+def _accumulate(total: Tensor | None, part: Tensor, size: int) -> Tensor:
+    """``total + part``, where ``part`` covers the first rows (keys) of ``size``."""
+    rows = part.shape[-2]
+    if total is None:
+        return part if rows == size else F.pad(part, (0, 0, 0, size - rows))
+    if rows == size:
+        return total.add_(part)
+    total.narrow(-2, 0, rows).add_(part)
+    return total
 
 
 #: ``{torch class: twin class}`` of the attention layers
