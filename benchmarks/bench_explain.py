@@ -172,9 +172,9 @@ def row(name, batch, method, t, base, mem=None, mem0=None) -> str:
     return f"| {name} | {batch} | {method} | {1000 * t:.1f} | {t / base:.2f} | {mem_txt} | {ratio_txt} |"
 
 
-def task_rows(name, model, x, gradient_score, target, args, device) -> None:
-    """Rows of one model explained for a callable ``target``: each preset of :data:`TASK_PRESETS`
-    against the input-gradient of ``gradient_score(output)`` (a scalar) in the original model."""
+def task_steps(model, x, gradient_score, target) -> dict:
+    """The input-gradient of ``gradient_score(output)`` (a scalar) in the original model and an
+    explanation of ``target`` per preset of :data:`TASK_PRESETS`, as callables."""
     def gradient():
         xin = x.detach().requires_grad_()
         return torch.autograd.grad(gradient_score(model(xin)), xin)[0]
@@ -183,11 +183,69 @@ def task_rows(name, model, x, gradient_score, target, args, device) -> None:
     for preset in TASK_PRESETS:
         lrp = lrpx.convert(model, composite(preset))
         steps[f"lrpx {preset}"] = lambda lrp=lrp: lrpx.explain(lrp, x, target).relevance
+    return steps
+
+
+def task_rows(kind, name, args, device, dtype) -> None:
+    """Rows of one segmentation or detection model (``kind``): each preset of
+    :data:`TASK_PRESETS` against the input-gradient of the same score; on the CPU with
+    ``--memory`` the peak resident memory of each in a fresh process."""
+    steps = task_steps(*task_model(kind, name, args, device, dtype))
     times = interleaved(steps, device, args.repeat, warmup=1)
     memory = {k: peak_memory(steps[k], device) for k in times}
+    if device.type == "cpu" and args.memory:
+        memory = {k: task_peak_rss(kind, name, k, args) for k in times}
     base = "input-gradient (score)"
     for k, t in times.items():
         print(row(name, 1, k, t, times[base], memory[k], memory[base]), flush=True)
+
+
+def task_model(kind, name, args, device, dtype):
+    """``(model, input, gradient score, lrpx target)`` of a segmentation model (class 1's logits
+    summed over the whole map, ``lrpx.targets.segment(1)``) or a detection model (the top
+    detection: its reported score for the gradient, its class logit for lrpx,
+    ``lrpx.targets.detection(0)``), random weights, one random image of ``--size``."""
+    torch.manual_seed(0)
+    extra = {"min_size": args.size, "max_size": args.size} if kind == "detection" else {}
+    model = frozen(torchvision.models.get_model(name, weights=None, weights_backbone=None, **extra), device, dtype)
+    x = torch.rand(1, 3, args.size, args.size, device=device, dtype=dtype)
+    if kind == "detection":
+        return model, x, lambda out: out[0]["scores"][0], lrpx.targets.detection(0)
+    target = lrpx.targets.segment(1)
+    return model, x, lambda out: target(out).sum(), target
+
+
+def task_peak_rss(kind, name, method, args) -> float | None:
+    """Peak resident memory (MiB) of one call of ``method`` in a fresh process (the second call,
+    median of ``--memory-runs`` processes), as :func:`peak_rss` measures it."""
+    import os
+    import subprocess
+    import sys
+    command = [sys.executable, os.path.abspath(__file__), "--rss-task", kind, name, method, "--size", str(args.size),
+               "--threads", str(args.threads), "--dtype", args.dtype]
+    peaks = []
+    for _ in range(args.memory_runs):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **_MALLOC_ENV})
+        except (subprocess.CalledProcessError, OSError):
+            return None
+        peaks.append(float(done.stdout.split()[-1]))
+    return statistics.median(peaks)
+
+
+def _rss_task_child(kind, name, method, args) -> None:
+    step = task_steps(*task_model(kind, name, args, torch.device("cpu"), getattr(torch, args.dtype)))[method]
+    step()  # one-time initialisations are not the call's memory
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from the current resident memory
+    base = status("VmRSS")
+    step()
+    print(status("VmHWM") - base)
 
 
 def frozen(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
@@ -195,29 +253,6 @@ def frozen(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
     for p_ in model.parameters():
         p_.requires_grad_(False)
     return model
-
-
-def detection_rows(names, args, device, dtype) -> None:
-    """Detection models: one explanation of the top detection's class logit
-    (``lrpx.targets.detection(0)``) against the input-gradient of the same detection's reported
-    score in the original model (forward, post-processing and backward to the input, both)."""
-    for name in names:
-        torch.manual_seed(0)
-        model = frozen(torchvision.models.get_model(name, weights=None, weights_backbone=None, min_size=args.size,
-                                                    max_size=args.size), device, dtype)
-        x = torch.rand(1, 3, args.size, args.size, device=device, dtype=dtype)
-        task_rows(name, model, x, lambda out: out[0]["scores"][0], lrpx.targets.detection(0), args, device)
-
-
-def segmentation_rows(names, args, device, dtype) -> None:
-    """Segmentation models: one explanation of class 1's logits summed over the whole map
-    (``lrpx.targets.segment(1)``) against the input-gradient of that sum in the original model."""
-    for name in names:
-        torch.manual_seed(0)
-        model = frozen(torchvision.models.get_model(name, weights=None, weights_backbone=None), device, dtype)
-        x = torch.rand(1, 3, args.size, args.size, device=device, dtype=dtype)
-        target = lrpx.targets.segment(1)
-        task_rows(name, model, x, lambda out, target=target: target(out).sum(), target, args, device)
 
 
 def main(argv=None):
@@ -239,9 +274,12 @@ def main(argv=None):
     p.add_argument("--memory", action="store_true",
                    help="CPU: also measure each method's peak resident memory in a fresh process")
     p.add_argument("--memory-runs", type=int, default=3, help="processes per memory measurement (median)")
+    p.add_argument("--rss-task", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.rss_task:
+        return _rss_task_child(*args.rss_task, args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     try:
         import zennit  # noqa: F401
@@ -286,8 +324,10 @@ def main(argv=None):
                 err = float((compiled - eager).abs().max() / eager.abs().max())
                 print(f"{name} batch {batch}: compiled vs eager epsilon_gamma_box relevance, "
                       f"max |difference| / max |eager| = {err:.1e}", flush=True)
-    segmentation_rows(args.segmentation, args, device, dtype)
-    detection_rows(args.detection, args, device, dtype)
+    for name in args.segmentation:
+        task_rows("segmentation", name, args, device, dtype)
+    for name in args.detection:
+        task_rows("detection", name, args, device, dtype)
 
 
 if __name__ == "__main__":
