@@ -89,3 +89,41 @@ def test_compiled_equals_eager_on_cuda(monkeypatch):
     compiled = _logit_relevance(torch.compile(lrp), x)
     err = (compiled - eager).abs().max() / eager.abs().max()
     assert err < 1e-4  # measured 2.6e-6 on an H100 (torch 2.11)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_attention_relevance_on_cuda_equals_cpu(dtype):
+    """torch's fused attention forward on the GPU and the blockwise relevance in backward (blocks
+    of 64 MiB there): the relevance of float64 inputs equals the CPU's; bfloat16 inputs compute
+    in float32 and stay close."""
+    from lrpx.layers import ScaledDotProductAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 300, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    out_rel = torch.randn(2, 4, 300, 16, generator=g, dtype=torch.float64)
+
+    def relevance(device, dt):
+        ts = [t.to(device, dt).requires_grad_() for t in (q, k, v)]
+        out = ScaledDotProductAttention()(*ts, is_causal=True, enable_gqa=True)
+        return [r.double().cpu() for r in torch.autograd.grad(out, ts, out_rel.to(device, dt))]
+
+    for got, want in zip(relevance("cuda", dtype), relevance("cpu", torch.float64)):
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < (1e-10 if dtype == torch.float64 else 5e-2), err
+
+
+@cuda
+def test_llama_in_bfloat16_on_cuda():
+    """A tiny transformers Llama in bfloat16 on the GPU: finite token relevance close to the
+    float32 CPU model's."""
+    pytest.importorskip("transformers")
+    import zoo_text
+
+    model = zoo_text.randomized(zoo_text.families()["llama"][0]("sdpa")).float()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    cpu = lrpx.explain_tokens(lrpx.convert(model), ids).relevance
+    gpu = lrpx.explain_tokens(lrpx.convert(model).to("cuda", torch.bfloat16), ids.cuda()).relevance
+    assert gpu.dtype == torch.bfloat16 and torch.isfinite(gpu).all()
+    cos = torch.nn.functional.cosine_similarity(gpu.float().cpu().flatten(), cpu.flatten(), dim=0)
+    assert cos > 0.98
