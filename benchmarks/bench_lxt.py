@@ -44,33 +44,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_explain import interleaved  # noqa: E402
-
-VOCABULARY = 32000
-
+from bench_text import VOCABULARY, gradient_step, size_arguments  # noqa: E402
+from bench_text import build as build_llama  # noqa: E402
 
 def build(args: argparse.Namespace):
-    """The Llama of bench_text with the installed transformers, eval mode, parameters frozen."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    heads = max(args.hidden // 64, 2)
-    config = LlamaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                         intermediate_size=args.hidden * 8 // 3, num_attention_heads=heads,
-                         num_key_value_heads=heads // 2, vocab_size=VOCABULARY, max_position_embeddings=65536)
-    config._attn_implementation = args.attention
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().to(getattr(torch, args.dtype))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def gradient_step(model, ids: torch.Tensor, **kwargs):
-    def gradient():
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-        logits = model(inputs_embeds=embeds, **kwargs).logits[:, -1]
-        return torch.autograd.grad(logits.max(-1).values.sum(), embeds)[0]
-
-    return gradient
+    """The Llama of bench_text with the installed transformers."""
+    return build_llama(args.layers, args.hidden, getattr(torch, args.dtype), torch.device("cpu"), args.attention)
 
 
 def lxt_child(args: argparse.Namespace) -> None:
@@ -140,12 +119,7 @@ def agreement(r: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", default="float32")
+    size_arguments(parser)
     parser.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
     parser.add_argument("--lxt-path", default="/tmp/lxt-env", help="folder with lxt 2.1 and transformers < 4.55")
     parser.add_argument("--lxt-child", help=argparse.SUPPRESS)

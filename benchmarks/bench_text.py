@@ -29,14 +29,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_explain import interleaved, peak_memory  # noqa: E402
 
 
-def build(layers: int, hidden: int, dtype: torch.dtype, device: torch.device):
+VOCABULARY = 32000
+
+
+def build(layers: int, hidden: int, dtype: torch.dtype, device: torch.device, attention: str = "sdpa"):
+    """The Llama of this benchmark, with the installed transformers: eval mode, parameters frozen."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(hidden // 64, 2)
     config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=32000,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=VOCABULARY,
                          max_position_embeddings=65536)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval().to(device, dtype)
     for p in model.parameters():
@@ -44,18 +48,33 @@ def build(layers: int, hidden: int, dtype: torch.dtype, device: torch.device):
     return model
 
 
-def steps(model, ids: torch.Tensor) -> dict:
-    lrp = lrpx.convert(model)
-
+def gradient_step(model, ids: torch.Tensor, **kwargs):
+    """The plain gradient of the top logit at the last position with respect to the input embeddings."""
     def gradient():
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-        logits = model(inputs_embeds=embeds).logits[:, -1]
+        logits = model(inputs_embeds=embeds, **kwargs).logits[:, -1]
         return torch.autograd.grad(logits.max(-1).values.sum(), embeds)[0]
+
+    return gradient
+
+
+def size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's size, the sequence length, the rounds and threads of the timing, the dtype."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+
+
+def steps(model, ids: torch.Tensor) -> dict:
+    lrp = lrpx.convert(model)
 
     def explain():
         return lrpx.explain_tokens(lrp, ids).relevance
 
-    return {"embedding gradient": gradient, "lrpx explain_tokens": explain}
+    return {"embedding gradient": gradient_step(model, ids), "lrpx explain_tokens": explain}
 
 
 def _rss(key: str) -> float:
@@ -77,7 +96,7 @@ def cpu_peak(args: argparse.Namespace, method: str) -> float | None:
 
 def child(args: argparse.Namespace, dtype: torch.dtype) -> None:
     model = build(args.layers, args.hidden, dtype, torch.device("cpu"))
-    ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCABULARY, (1, args.tokens), generator=torch.Generator().manual_seed(1))
     fn = steps(model, ids)[args.child]
     fn()  # one-time initialisations are not the call's memory
     with open("/proc/self/clear_refs", "w") as f:
@@ -89,13 +108,8 @@ def child(args: argparse.Namespace, dtype: torch.dtype) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    size_arguments(parser)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +118,7 @@ def main() -> None:
         return child(args, dtype)
     device = torch.device(args.device)
     model = build(args.layers, args.hidden, dtype, device)
-    ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1), device=device)
+    ids = torch.randint(0, VOCABULARY, (1, args.tokens), generator=torch.Generator().manual_seed(1), device=device)
     calls = steps(model, ids)
     times = interleaved(calls, device, args.repeat, warmup=1)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
