@@ -62,7 +62,7 @@ class LRPFunction(torch.autograd.Function):
                 saved[name] = values[at]
                 at += 1
         rule = ctx.rule.relevance_after_relu if ctx.relu else ctx.rule.relevance
-        live = _live_rows(ctx.layer, ctx.rule, relevance) if ctx.count == 1 else None
+        live = _live_rows(ctx.layer, ctx.rule, relevance) if ctx.count == 1 and saved["input"] is not None else None
         if live is not None:  # the rule on the rows that carry relevance; the others get none
             shape = saved["input"].shape
             saved = {k: _rows(v, live) if k in ("input", "output") and v is not None else v
