@@ -30,7 +30,17 @@ def causal_weights(mask: Tensor | None, length: int, batch: int, dtype) -> Tenso
     return weights
 
 
-class BagLM(nn.Module):
+class _Tokens(nn.Module):
+    """An ``embed`` table read by ``get_input_embeddings``; ``inputs_embeds`` or its lookup of the ids."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def embeds(self, input_ids, inputs_embeds):
+        return self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+
+
+class BagLM(_Tokens):
     """``logits[b, t] = sum_{s <= t, mask[s] = 1} W e[b, s]``: a causal bag of tokens, no bias.
 
     The sum over tokens is a reduction (``sum``), so LRP splits each logit over the tokens by
@@ -43,19 +53,15 @@ class BagLM(nn.Module):
         self.embed = nn.Embedding(vocabulary, hidden)
         self.head = nn.Linear(hidden, vocabulary, bias=False)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed
-
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
+        inputs_embeds = self.embeds(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape
         per_token = self.head(inputs_embeds)  # (B, S, V)
         weights = causal_weights(attention_mask, length, batch, per_token.dtype)
         return Output((weights.unsqueeze(-1) * per_token.unsqueeze(1)).sum(2))
 
 
-class ToyLM(nn.Module):
+class ToyLM(_Tokens):
     """Linear, ReLU, causal averaging, LayerNorm and an LM head: a small nonlinear causal LM."""
 
     def __init__(self, vocabulary: int = 17, hidden: int = 8) -> None:
@@ -66,12 +72,8 @@ class ToyLM(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, vocabulary)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed
-
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
+        inputs_embeds = self.embeds(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape
         h = self.act(self.fc(inputs_embeds))
         weights = causal_weights(attention_mask, length, batch, h.dtype)
@@ -79,7 +81,7 @@ class ToyLM(nn.Module):
         return Output(self.head(self.norm(weights @ h)))
 
 
-class BagClassifier(nn.Module):
+class BagClassifier(_Tokens):
     """``logits[b] = sum_{s, mask[s] = 1} W e[b, s]``: a bag-of-tokens sequence classifier; returns
     ``{"logits": ...}``."""
 
@@ -88,12 +90,8 @@ class BagClassifier(nn.Module):
         self.embed = nn.Embedding(vocabulary, hidden)
         self.head = nn.Linear(hidden, classes, bias=False)
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed
-
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
+        inputs_embeds = self.embeds(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape
         per_token = self.head(inputs_embeds)
         weights = torch.ones(batch, length, dtype=per_token.dtype)
