@@ -24,6 +24,7 @@ from .detection import adopt
 from .graph import ModelGraph, TraceError, join
 from .layers.detection import FrozenBatchNorm2d
 from .layers import batchnorm_affine, has_hooks, registry
+from .precision import tunnel_all
 from .rewrite import rewrite_functional
 from .statistics import hold_all
 
@@ -120,4 +121,5 @@ def canonize_graph(model: nn.Module, twins: dict[type[nn.Module], type[nn.Module
     fold_batchnorms(model, graph)
     hold_all(graph)  # normalising statistics as constants (lrpx.statistics)
     rewrite_functional(model, graph)
+    tunnel_all(model, graph)  # precision round trips pass relevance unrounded (lrpx.precision)
     return model, graph

@@ -218,10 +218,12 @@ def _foreign_function(out: Tensor) -> str | None:
     """The name of the first custom autograd Function in the graph of ``out`` that is not
     lrpx's own (its backward may not take the rows of a batched pass), or None."""
     from .core import LRPFunction
-    from .layers.attention import _Biased
+    from .layers.sdpa import _Attention, _Biased
+    from .oplevel import _Reported
+    from .precision import _RelevanceTo
     from .record import Probe
 
-    own = (LRPFunction, Probe, _Biased)
+    own = (LRPFunction, Probe, _Biased, _Attention, _RelevanceTo, _Reported)
     seen, stack = set(), [out.grad_fn]
     while stack:
         node = stack.pop()

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .core import lrp_apply
-from .layers.attention import ScaledDotProductAttention
+from .layers.sdpa import ScaledDotProductAttention
 from .ops import (ConvOps, ElementwiseOps, IndexAddOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps,
                   SoftmaxOps, SumOps, WeightMatmulOps, einsum_operands)
 from .routing import ROUTING_FUNCTIONS, ROUTING_METHODS

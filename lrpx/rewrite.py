@@ -25,7 +25,6 @@ from .calls import layer_from_call
 from .statistics import held
 from .layers import (Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum,
                      WeightMatmul)
-from .rules.attention import Uniform
 
 __all__ = ["rewrite_functional", "RESHAPES", "tags"]
 
@@ -137,85 +136,7 @@ def _rewrite_graph(module: nn.Module, graph: fx.Graph) -> bool:
         if new is not None:
             kinds[new] = kinds[node]
             changed = True
-    return _tunnel_round_trips(module, graph) or changed
-
-
-#: tensor methods that cast
-_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type", "type_as"})
-
-
-def _tunnel_round_trips(module: nn.Module, graph: fx.Graph) -> bool:
-    """Let relevance skip a precision round trip: a chain that casts an activation (say float64 to
-    float32), multiplies it by constants (a held statistic, a norm's weight) and casts it back
-    (Hugging Face's RMSNorm computes so) passes all of its relevance from end to start, link by
-    link; through the chain itself it would be rounded to the lower precision on the way.
-    The chain then runs on the detached activation (its forward unchanged) and its end passes
-    its relevance straight to the start (:func:`relevance_to`). Whether anything changed."""
-    kinds, changed = tags(graph), False
-    for start in [n for n in graph.nodes if _is_cast(n) and kinds.get(n.args[0]) == "input"]:
-        chain = [start]
-        while True:
-            users = [u for u in chain[-1].users if not _reads_as_constant(u)]
-            if len(users) != 1 or not _passes_all(module, users[0], chain[-1], kinds):
-                break
-            chain.append(users[0])
-        if sum(_is_cast(n) for n in chain) < 2:
-            continue
-        source, end = start.args[0], chain[-1]
-        with graph.inserting_before(start):
-            start.replace_input_with(source, graph.call_function(held, (source,)))
-        with graph.inserting_after(end):
-            tunnel = graph.call_function(relevance_to, (end, source))
-        end.replace_all_uses_with(tunnel, delete_user_cb=lambda user: user is not tunnel)
-        changed = True
     return changed
-
-
-def _is_cast(node: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in _CASTS and bool(node.args)
-
-
-def _reads_as_constant(node: fx.Node) -> bool:
-    """A reader that takes no relevance: a statistic's ``held`` or a size/dtype attribute."""
-    return (node.op == "call_function" and node.target in (held, getattr)) or \
-        (node.op == "call_method" and node.target in ("size", "dim"))
-
-
-def _passes_all(module: nn.Module, node: fx.Node, source: fx.Node, kinds: dict[fx.Node, str]) -> bool:
-    """Whether ``node`` gives all of its relevance to ``source``: a cast of it, or a product
-    (:class:`Product` with the built-in rule) whose other factor is a constant."""
-    if _is_cast(node):
-        return node.args[0] is source
-    if node.op != "call_module" or not isinstance(layer := module.get_submodule(node.target), Product):
-        return False
-    if type(layer.rule) is not Uniform or layer.signal is None or node.args[layer.signal] is not source:
-        return False
-    other = node.args[1 - layer.signal]
-    return not isinstance(other, fx.Node) or kinds.get(other) == "constant"
-
-
-def relevance_to(value: Tensor, source: Tensor) -> Tensor:
-    """``value`` (computed from ``source`` through operations that each pass all relevance on),
-    whose relevance goes to ``source`` unchanged, in ``source``'s dtype."""
-    return _RelevanceTo.apply(value, source)
-
-
-class _RelevanceTo(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(value: Tensor, source: Tensor) -> Tensor:
-        return value.view_as(value)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-        ctx.shape, ctx.dtype = inputs[1].shape, inputs[1].dtype
-
-    @staticmethod
-    def backward(ctx, relevance: Tensor):
-        if relevance.shape != ctx.shape:
-            relevance = relevance.sum_to_size(ctx.shape)
-        return None, relevance.to(ctx.dtype)
 
 
 def constant_share(value):

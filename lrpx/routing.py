@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .rewrite import RESHAPES, _is_product, relevance_to, tags
+from .precision import relevance_to
+from .rewrite import RESHAPES, _is_product, tags
 
 __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 

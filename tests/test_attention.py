@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import lrpx
-from lrpx.layers.attention import (ATTENTION_TWINS, LRPMultiheadAttention, LRPSoftmax, ScaledDotProductAttention,
-                                   lrp_matmul, lrp_softmax)
+from lrpx.layers import ScaledDotProductAttention, default_twins
+from lrpx.layers.attention import ATTENTION_TWINS, LRPMultiheadAttention, LRPSoftmax, lrp_matmul, lrp_softmax
 from lrpx.rules import Epsilon, Taylor
 
 DT = torch.float64
@@ -489,8 +489,8 @@ def test_convert_tiny_model_traced():
 
 
 def test_attention_twins_registry():
-    assert ATTENTION_TWINS == {nn.MultiheadAttention: LRPMultiheadAttention, nn.Softmax: LRPSoftmax,
-                               ScaledDotProductAttention: ScaledDotProductAttention}
+    assert ATTENTION_TWINS == {nn.MultiheadAttention: LRPMultiheadAttention, nn.Softmax: LRPSoftmax}
+    assert default_twins()[ScaledDotProductAttention] is ScaledDotProductAttention
     assert LRPMultiheadAttention.lrp_kind == "weighted"
 
 

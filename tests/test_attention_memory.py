@@ -9,8 +9,9 @@ from functools import partial
 import pytest
 import torch
 
-import lrpx.layers.attention as attention
-from lrpx.layers.attention import ScaledDotProductAttention, lrp_matmul, lrp_softmax
+import lrpx.layers.sdpa as attention
+from lrpx.layers.attention import lrp_matmul, lrp_softmax
+from lrpx.layers.sdpa import ScaledDotProductAttention
 from lrpx.core import lrp_apply
 from lrpx.ops import ElementwiseOps
 from lrpx.rules import Pass, Uniform

@@ -225,3 +225,38 @@ def test_a_rule_that_reads_the_relevance_on_the_host_takes_the_repeated_input():
         result = concepts.attribute(lrp, x, 2, conditions=[{"0": [c]} for c in range(4)])
     plain = lrpx.explain(lrp, x, 2).relevance
     torch.testing.assert_close(result.relevance.sum(1), plain, rtol=1e-10, atol=1e-14)
+
+
+class Float32Norm(nn.Module):
+    """RMSNorm computed in float32 inside a float64 model (a precision round trip)."""
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def test_lrpx_own_functions_keep_the_one_forward_path():
+    """Fused attention (``_Attention``) and a precision round trip (``_RelevanceTo``) are lrpx's
+    own Functions: ``attribute`` takes one forward, without the repeated input's warning."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Counter(), nn.Linear(8, 8), Float32Norm(), FloatMaskAttention()).double().eval()
+    lrp = lrpx.convert(model, lrpx.Composite(), twins={Counter: None})
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    out = lrp[1:](x.clone().requires_grad_())
+    names = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert {"_AttentionBackward", "_RelevanceToBackward"} <= names
+    lrp[0].calls = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = concepts.attribute(lrp, x, 1, conditions=[{"1": [c]} for c in range(5)], batch_size=5)
+    assert lrp[0].calls == 1
+    plain = lrpx.explain(lrp, x, 1).relevance
+    torch.testing.assert_close(result.relevance.sum(1), plain, rtol=1e-9, atol=1e-12)

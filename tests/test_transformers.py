@@ -30,8 +30,8 @@ CASES = [pytest.param(name, attn, id=f"{name}-{attn}",
 
 
 def _bound(name: str) -> float:
-    """The issue's bound for every family. RMSNorm computes in float32 inside a float64 model (as
-    transformers writes it); its relevance skips that round trip (``rewrite._tunnel_round_trips``),
+    """1e-8 of the logit for every family. RMSNorm computes in float32 inside a float64 model (as
+    transformers writes it); its relevance skips that round trip (``lrpx.precision``),
     so it is not rounded to float32 (measured 1e-16 to 5e-11; before, up to 1.8e-8)."""
     return 1e-8
 

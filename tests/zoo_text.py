@@ -14,7 +14,7 @@ from torch import nn
 import lrpx
 from lrpx import ops
 from lrpx.core import LRPFunction
-from lrpx.layers import attention as attention_layers
+from lrpx.layers import sdpa as attention_layers
 from zoo import sdpa_absorbed
 
 transformers = __import__("pytest").importorskip("transformers")

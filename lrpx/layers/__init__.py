@@ -15,7 +15,7 @@ from torch import nn
 
 from ..rules.base import Rule
 from .activation import ACTIVATION_TWINS, ACTIVATIONS, NONNEGATIVE_ACTIVATIONS, FusedReLU
-from .attention import ATTENTION_TWINS, ScaledDotProductAttention
+from .attention import ATTENTION_TWINS
 from .base import Twin, copy_hooks, has_hooks
 from .detection import DETECTION_KEPT, DETECTION_TWINS
 from .embedding import LRPEmbedding
@@ -24,6 +24,7 @@ from .merge import Add, Matmul, Normalize, Product, WeightMatmul
 from .normalization import NORM_TWINS
 from .pooling import (UPSAMPLE_TWINS, Interpolate, LRPAdaptiveAvgPool1d, LRPAdaptiveAvgPool2d,
                       LRPAdaptiveAvgPool3d, LRPAvgPool1d, LRPAvgPool2d, LRPAvgPool3d, Mean, Sum)
+from .sdpa import ScaledDotProductAttention
 from .weighted import (LRPBatchNorm1d, LRPBatchNorm2d, LRPBatchNorm3d, LRPConv1d, LRPConv2d, LRPConv3d,
                        LRPLinear, batchnorm_affine)
 
@@ -86,6 +87,7 @@ _TWINS: dict[type[nn.Module], type[nn.Module] | None] = {
     **ACTIVATION_TWINS,
     **NORM_TWINS,
     **ATTENTION_TWINS,
+    ScaledDotProductAttention: ScaledDotProductAttention,
     **DETECTION_TWINS,
     **dict.fromkeys(DETECTION_KEPT),
     # the output projection of MultiheadAttention, used by its twin's own forward
