@@ -119,3 +119,40 @@ def test_the_rule_sees_only_the_live_rows():
     seen.clear()
     _relevance(model, x, [(b, t) for b in range(2) for t in range(9)], _Seen(seen))
     assert seen == [((2, 9, 40), (2, 9, 6), (2, 9, 40))]
+
+
+# ------------------------------------------------------------------ property: rows or all
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _dense(rule):
+    """The same rule, made to run on all rows (``row_local`` off)."""
+    cls = type(f"Dense{type(rule).__name__}", (type(rule),), {"row_local": False})
+    return cls(**rule._fields())
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), tokens=st.integers(2, 40), d_in=st.integers(1, 6), d_out=st.integers(1, 9),
+       live=st.sets(st.integers(0, 119), max_size=6), relu=st.booleans(),
+       rule=st.sampled_from([lrpx.rules.Epsilon(1e-3), lrpx.rules.Gamma(0.25), lrpx.rules.AlphaBeta(2, 1),
+                             lrpx.rules.ZPlus()]),
+       seed=st.integers(0, 2 ** 16))
+def test_the_rows_that_carry_relevance_give_what_all_rows_give(batch, tokens, d_in, d_out, live, relu, rule, seed):
+    """Any Linear, any few rows with relevance, with or without a fused ReLU: the rule on those
+    rows alone equals the rule on all rows."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(d_in, d_out, dtype=torch.float64)] + ([nn.ReLU()] if relu else [])
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(batch, tokens, d_in, dtype=torch.float64)
+    rows = sorted(r for r in live if r < batch * tokens)
+    r_out = torch.zeros(batch * tokens, d_out, dtype=torch.float64)
+    r_out[rows] = torch.randn(len(rows), d_out, dtype=torch.float64)
+    results = []
+    for r in (rule, _dense(rule)):
+        lrp = lrpx.convert(model, lrpx.Composite(default=r))
+        xin = x.clone().requires_grad_()
+        out = lrp(xin)
+        results.append(torch.autograd.grad(out, xin, r_out.view_as(out))[0])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
