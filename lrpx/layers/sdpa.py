@@ -212,10 +212,13 @@ def attention_relevance(query: Tensor, key: Tensor, value: Tensor, relevance: Te
                 minus = mask == float("-inf")
                 bias = mask.masked_fill(minus, 0.0).to(work)
                 blocked = minus if blocked is None else blocked | minus
-        span = source  # the keys up to the last one a query of the block may see (causal: up to the block)
-        if blocked is not None:
+        # the keys up to the last one a query of the block may see: causal, up to the block; with a
+        # mask, read from it (which makes the host wait for the device, once per block)
+        span = min(stop, source) if is_causal else source
+        if attn_mask is not None:
             seen = (~blocked).expand(blocked.shape[:-1] + (source,)).reshape(-1, source).any(0).nonzero()
             span = int(seen.max()) + 1 if seen.numel() else 1
+        if span < source:
             blocked = blocked[..., :span]
             bias = bias[..., :span] if bias is not None and bias.shape[-1] == source else bias
         q_b = q[..., start:stop, :]
