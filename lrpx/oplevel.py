@@ -31,8 +31,9 @@ no relevance of the input, although they require grad: they are constants to the
 Indexing, reshapes, rolls, padding, concatenation and max pooling keep their gradient, which
 moves relevance. Any other operation on values from the input keeps its gradient too, and is
 reported with an :class:`UnruledOperationWarning` that names the module and the operation when
-relevance reaches it in backward (not if its result only feeds a statistic held constant). The mode is a ``torch.overrides.TorchFunctionMode``: per thread, active only
-inside that module's forward, and inactive inside twins (their own operations are theirs).
+relevance reaches it in backward (not if its result only feeds a statistic held constant).
+The mode is a ``torch.overrides.TorchFunctionMode``: per thread, active only inside that
+module's forward, and inactive inside twins (their own operations are theirs).
 Operations on tensors that do not require grad run unchanged, so a forward under
 ``torch.no_grad`` computes exactly what the original does.
 """

@@ -152,7 +152,7 @@ def test_no_recomputation_without_grad():
     with torch.no_grad():
         out = ScaledDotProductAttention()(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=True))
+        q, k, v, is_causal=True, enable_gqa=True), rtol=0, atol=0)  # torch's kernel itself
 
 
 def test_called_twice_in_one_graph():

@@ -76,11 +76,12 @@ class ScaledDotProductAttention(_OwnLayer):
     masks the upper triangle; ``enable_gqa`` repeats the key/value heads to the query heads.
     Dropout (``dropout_p > 0``) raises ``RuntimeError``: relevance is defined in eval mode.
 
-    Cost: with autograd on (eager mode) and the :class:`~lrpx.rules.Uniform` rule, the forward
-    is torch's own ``F.scaled_dot_product_attention`` (its fused kernels, its output), only
-    the inputs are kept, and backward computes the scores, weights and relevance again block
-    by block of queries, so that no ``heads x L x S`` tensor of the whole sequence exists at
-    once. With another rule, the operations are written out (under ``torch.compile`` and
+    Without autograd (``torch.no_grad``, inputs that do not require grad) it is torch's own
+    ``F.scaled_dot_product_attention``. Cost: with autograd on (eager mode) and the
+    :class:`~lrpx.rules.Uniform` rule, the forward is that kernel too (its output), only the
+    inputs are kept, and backward computes the scores, weights and relevance again block by
+    block of queries, so that no ``heads x L x S`` tensor of the whole sequence exists at once.
+    With another rule, the operations are written out (under ``torch.compile`` and
     inside ``torch.func`` transforms: kept for backward; otherwise recomputed there with
     ``torch.utils.checkpoint``).
     """
@@ -100,6 +101,9 @@ class ScaledDotProductAttention(_OwnLayer):
         if dropout_p:
             raise RuntimeError(f"scaled_dot_product_attention with dropout_p={dropout_p}: relevance is defined "
                                "in eval mode (call .eval() on the model)")
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+            # no relevance to come: torch's own kernel, the original's output exactly
+            return _Attention.forward(query, key, value, attn_mask, is_causal, scale, enable_gqa, 0.0)
         if not recomputes(query, key, value):
             return self._attend(query, key, value, attn_mask, is_causal, scale, enable_gqa)
         if type(self.rule) is Uniform:
@@ -201,57 +205,76 @@ def attention_relevance(query: Tensor, key: Tensor, value: Tensor, relevance: Te
     r_q, g_k, g_v = [], None, None
     for start in range(0, length, rows):
         stop = min(start + rows, length)
-        blocked, bias = None, None
-        if is_causal:
-            blocked = torch.arange(start, stop, device=q.device)[:, None] < torch.arange(source, device=q.device)
-        if attn_mask is not None:
-            mask = attn_mask[..., start:stop, :] if attn_mask.dim() >= 2 and attn_mask.shape[-2] == length else attn_mask
-            if mask.dtype == torch.bool:
-                blocked = ~mask if blocked is None else blocked | ~mask
-            else:
-                minus = mask == float("-inf")
-                bias = mask.masked_fill(minus, 0.0).to(work)
-                blocked = minus if blocked is None else blocked | minus
-        # the keys up to the last one a query of the block may see: causal, up to the block; with a
-        # mask, read from it (which makes the host wait for the device, once per block)
-        span = min(stop, source) if is_causal else source
-        if attn_mask is not None:
-            seen = (~blocked).expand(blocked.shape[:-1] + (source,)).reshape(-1, source).any(0).nonzero()
-            span = int(seen.max()) + 1 if seen.numel() else 1
+        blocked, bias = _block_mask(attn_mask, is_causal, start, stop, length, source, q.device, work)
+        # the keys up to the last one a query of the block may see (causal: up to the block)
+        span = _key_span(blocked, source) if attn_mask is not None else min(stop, source) if is_causal else source
         if span < source:
             blocked = blocked[..., :span]
             bias = bias[..., :span] if bias is not None and bias.shape[-1] == source else bias
-        q_b = q[..., start:stop, :]
-        k_b, v_b = (k, v) if span == source else (k[..., :span, :], v[..., :span, :])
-        z = q_b @ k_b.transpose(-2, -1)
-        x, share = z, None
-        if bias is not None:  # a bias on the scores keeps its share
-            x = z + bias
-            share = torch.where(bias == 0, 1.0, z / stabilize(x, epsilon))
-        a = torch.softmax(x if blocked is None else x.masked_fill(blocked, float("-inf")), -1)
-        if attn_mask is not None:  # (a causal mask alone leaves every query a key)
-            dead = blocked.all(-1, keepdim=True)
-            if dead.any():  # queries with no key: weights 0, not NaN
-                a.masked_fill_(dead, 0.0)
-        # whole: no view op, which the rows of a batched backward pass do not take
+        # the whole relevance: no view op, which the rows of a batched backward pass do not take
         r_b = r if stop - start == length else r.narrow(-2, start, stop - start)
-        s = r_b / stabilize(a @ v_b, epsilon / 2, 0.5)  # stab(2O)
-        r_a = (s @ v_b.transpose(-2, -1)).mul_(a)
-        g_v = _accumulate(g_v, a.transpose(-2, -1) @ s, source)
-        r_x = torch.addcmul(r_a, a, r_a.sum(-1, keepdim=True), value=-1).mul_(x)
-        del r_a, a, s
-        if blocked is not None:
-            r_x.masked_fill_(blocked, 0.0)
-        if share is not None:
-            r_x.mul_(share)
-        t = r_x.div_(stabilize(z, epsilon / 2, 0.5))  # stab(2Z)
-        r_q.append((t @ k_b).mul_(q_b))
-        g_k = _accumulate(g_k, t.transpose(-2, -1) @ q_b, source)
+        r_q_b, g_k_b, g_v_b = _block_relevance(q[..., start:stop, :], k[..., :span, :], v[..., :span, :], r_b,
+                                               blocked, bias, attn_mask is not None, epsilon)
+        r_q.append(r_q_b)
+        g_k, g_v = _accumulate(g_k, g_k_b, source), _accumulate(g_v, g_v_b, source)
     r_k, r_v = k * g_k, v * g_v
     if repeats > 1:
         r_k, r_v = (t.reshape(t.shape[:-3] + (t.shape[-3] // repeats, repeats) + t.shape[-2:]).sum(-3)
                     for t in (r_k, r_v))
     return torch.cat(r_q, -2).to(dtype), r_k.to(dtype), r_v.to(dtype)
+
+
+def _block_mask(attn_mask: Tensor | None, is_causal: bool, start: int, stop: int, length: int, source: int,
+                device: torch.device, work: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """For the queries ``start:stop``: where they may not attend (``None``: everywhere) and the
+    bias a float mask adds to their scores (``None``: no bias)."""
+    blocked, bias = None, None
+    if is_causal:
+        blocked = torch.arange(start, stop, device=device)[:, None] < torch.arange(source, device=device)
+    if attn_mask is None:
+        return blocked, bias
+    mask = attn_mask[..., start:stop, :] if attn_mask.dim() >= 2 and attn_mask.shape[-2] == length else attn_mask
+    if mask.dtype == torch.bool:
+        mask = ~mask
+    else:
+        bias = mask.masked_fill(mask == float("-inf"), 0.0).to(work)
+        mask = mask == float("-inf")
+    return (mask if blocked is None else blocked | mask), bias
+
+
+def _key_span(blocked: Tensor, source: int) -> int:
+    """How many of the ``source`` keys a block with a mask needs: up to the last one a query may
+    see (read from the mask, which makes the host wait for the device)."""
+    seen = (~blocked).expand(blocked.shape[:-1] + (source,)).reshape(-1, source).any(0).nonzero()
+    return int(seen.max()) + 1 if seen.numel() else 1
+
+
+def _block_relevance(q: Tensor, k: Tensor, v: Tensor, relevance: Tensor, blocked: Tensor | None,
+                     bias: Tensor | None, may_be_dead: bool, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The relevance of a block of (scaled) queries ``q`` and what the block adds to the key and
+    value factors (:func:`attention_relevance`'s formulas); ``may_be_dead``: some query of the
+    block may see no key (then its weights are 0, not NaN)."""
+    z = q @ k.transpose(-2, -1)
+    x, share = z, None
+    if bias is not None:  # a bias on the scores keeps its share
+        x = z + bias
+        share = torch.where(bias == 0, 1.0, z / stabilize(x, epsilon))
+    a = torch.softmax(x if blocked is None else x.masked_fill(blocked, float("-inf")), -1)
+    if may_be_dead:
+        dead = blocked.all(-1, keepdim=True)
+        if dead.any():
+            a.masked_fill_(dead, 0.0)
+    s = relevance / stabilize(a @ v, epsilon / 2, 0.5)  # stab(2O)
+    r_a = (s @ v.transpose(-2, -1)).mul_(a)
+    g_v = a.transpose(-2, -1) @ s
+    r_x = torch.addcmul(r_a, a, r_a.sum(-1, keepdim=True), value=-1).mul_(x)
+    del r_a, a, s
+    if blocked is not None:
+        r_x.masked_fill_(blocked, 0.0)
+    if share is not None:
+        r_x.mul_(share)
+    t = r_x.div_(stabilize(z, epsilon / 2, 0.5))  # stab(2Z)
+    return (t @ k).mul_(q), t.transpose(-2, -1) @ q, g_v
 
 
 def _accumulate(total: Tensor | None, part: Tensor, size: int) -> Tensor:
