@@ -100,14 +100,20 @@ def peak_rss(name: str, method: str, batch: int, size: int, threads: int, dtype:
     (MiB): the second explanation in a fresh process whose allocator returns large blocks to
     the OS at once, median of ``runs`` processes; None where Linux's /proc peak reset is
     unavailable."""
+    import sys
+    return median_peak([sys.executable, "-c", _RSS_CHILD, name, method, str(batch), str(size), str(threads), dtype],
+                       runs)
+
+
+def median_peak(command: list[str], runs: int) -> float | None:
+    """The median of the last number ``command`` prints (a peak in MiB) over ``runs`` fresh
+    processes, with the allocator settings of :data:`_MALLOC_ENV`; None if it fails."""
     import os
     import subprocess
-    import sys
     peaks = []
     for _ in range(runs):
         try:
-            done = subprocess.run([sys.executable, "-c", _RSS_CHILD, name, method, str(batch), str(size),
-                                   str(threads), dtype], capture_output=True, text=True, check=True,
+            done = subprocess.run(command, capture_output=True, text=True, check=True,
                                   env={**os.environ, **_MALLOC_ENV})
         except (subprocess.CalledProcessError, OSError):
             return None
@@ -219,18 +225,9 @@ def task_peak_rss(kind, name, method, args) -> float | None:
     """Peak resident memory (MiB) of one call of ``method`` in a fresh process (the second call,
     median of ``--memory-runs`` processes), as :func:`peak_rss` measures it."""
     import os
-    import subprocess
     import sys
-    command = [sys.executable, os.path.abspath(__file__), "--rss-task", kind, name, method, "--size", str(args.size),
-               "--threads", str(args.threads), "--dtype", args.dtype]
-    peaks = []
-    for _ in range(args.memory_runs):
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **_MALLOC_ENV})
-        except (subprocess.CalledProcessError, OSError):
-            return None
-        peaks.append(float(done.stdout.split()[-1]))
-    return statistics.median(peaks)
+    return median_peak([sys.executable, os.path.abspath(__file__), "--rss-task", kind, name, method, "--size",
+                        str(args.size), "--threads", str(args.threads), "--dtype", args.dtype], args.memory_runs)
 
 
 def _rss_task_child(kind, name, method, args) -> None:

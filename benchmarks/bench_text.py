@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 
 import torch
@@ -26,7 +25,7 @@ import torch
 import lrpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_explain import interleaved, peak_memory  # noqa: E402
+from bench_explain import interleaved, median_peak, peak_memory  # noqa: E402
 
 
 VOCABULARY = 32000
@@ -86,12 +85,7 @@ def cpu_peak(args: argparse.Namespace, method: str) -> float | None:
     """Peak resident memory (MiB) of one call of ``method`` in a fresh process."""
     command = [sys.executable, __file__, "--child", method, "--layers", str(args.layers), "--hidden",
                str(args.hidden), "--tokens", str(args.tokens), "--threads", str(args.threads), "--dtype", args.dtype]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    except (subprocess.CalledProcessError, OSError):
-        return None
-    return float(done.stdout.split()[-1])
+    return median_peak(command, 1)
 
 
 def child(args: argparse.Namespace, dtype: torch.dtype) -> None:
