@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .graph import ModelGraph
 from .layers import Product
-from .rewrite import tags
+from .rewrite import CASTS, tags
 from .rules.attention import Uniform
 from .statistics import held
 
@@ -25,10 +25,6 @@ def tunnel_all(model: nn.Module, graph: ModelGraph) -> None:
     for name, g in graph.items():
         if tunnel_round_trips(model.get_submodule(name) if name else model, g):
             graph.changed.add(name)
-
-
-#: tensor methods that cast
-_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type", "type_as"})
 
 
 def tunnel_round_trips(module: nn.Module, graph: fx.Graph) -> bool:
@@ -59,7 +55,7 @@ def tunnel_round_trips(module: nn.Module, graph: fx.Graph) -> bool:
 
 
 def _is_cast(node: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in _CASTS and bool(node.args)
+    return node.op == "call_method" and node.target in CASTS and bool(node.args)
 
 
 def _reads_as_constant(node: fx.Node) -> bool:

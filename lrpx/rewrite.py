@@ -26,7 +26,7 @@ from .statistics import held
 from .layers import (Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum,
                      WeightMatmul)
 
-__all__ = ["rewrite_functional", "RESHAPES", "tags"]
+__all__ = ["rewrite_functional", "RESHAPES", "CASTS", "tags"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _INPLACE_METHODS = {"add_": "add", "relu_": "relu", "mul_": "mul", "sigmoid_": "sigmoid", "clamp_": "clamp",
@@ -36,6 +36,8 @@ _GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm}
 #: the parameters of ``F.scaled_dot_product_attention``, in order
 _SDPA = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+#: tensor methods that cast (dtype, device)
+CASTS = frozenset({"to", "type", "float", "double", "half", "bfloat16", "type_as"})
 #: tensor methods that only reshape, view or repeat their input
 RESHAPES = frozenset({"view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "permute",
                       "transpose", "contiguous"})

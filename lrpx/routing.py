@@ -11,16 +11,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .precision import relevance_to
-from .rewrite import RESHAPES, _is_product, tags
+from .rewrite import CASTS, RESHAPES, _is_product, tags
 
 __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 
 #: what forward code may do to values from the input outside of layers: move, reshape,
 #: select and join them (their gradient routes relevance unchanged)
-_ROUTING_METHODS = RESHAPES | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow", "select",
-                               "repeat", "tile", "to", "type", "float", "double", "half", "bfloat16", "clone",
-                               "unflatten", "movedim", "swapaxes", "view_as", "reshape_as", "squeeze_",
-                               "unsqueeze_", "append", "extend", "insert", "type_as", "unfold", "topk"}
+_ROUTING_METHODS = RESHAPES | CASTS | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow",
+                                       "select", "repeat", "tile", "clone", "unflatten", "movedim", "swapaxes",
+                                       "view_as", "reshape_as", "squeeze_", "unsqueeze_", "append", "extend",
+                                       "insert", "unfold", "topk"}
 _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
                       torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
                       torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
