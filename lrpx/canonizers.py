@@ -5,9 +5,11 @@
   activations in forward code (ResNet's ``out += identity``) into layers that take a rule,
   and in-place functional calls into out-of-place ones, on the graphs of each module's own
   forward traced by ``torch.fx`` (:class:`lrpx.graph.ModelGraph`);
-* :func:`out_of_place` switches ``inplace=True`` activations off.
+* :func:`out_of_place` switches ``inplace=True`` activations off;
+* :func:`lrpx.precision.tunnel_all` lets relevance skip precision round trips (a float32
+  section inside a float64 model), unrounded.
 
-:func:`canonize` runs all three on a model it may modify (``convert`` passes a copy).
+:func:`canonize` runs all four on a model it may modify (``convert`` passes a copy).
 A module on which the user registered hooks is never folded away, and a module whose forward
 is rewritten keeps its hooks.
 """
