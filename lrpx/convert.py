@@ -313,9 +313,10 @@ def _absorbs(module: nn.Module, node: fx.Node, kinds: dict[fx.Node, str]) -> boo
     """Whether a parameter, or what is computed from parameters alone (a clamped scale, a
     bias table indexed and permuted), reaches only layers and submodules: sums, products and
     attention masks give it its share of relevance as they give a bias, a submodule takes it
-    as an input (CaiT's class token), and joined to the activations it is one of them."""
+    as an input (CaiT's class token), joined to the activations it is one of them, and
+    returned (Swin's relative position bias table, read out) it is a constant to the caller."""
     for user in node.users:
-        if user.op == "call_module" or (user.op == "call_function" and user.target in _JOINS) or \
+        if user.op in ("call_module", "output") or (user.op == "call_function" and user.target in _JOINS) or \
                 kinds.get(user) == "meta":  # a size read off it
             continue
         if user.op in ("call_method", "call_function") and kinds.get(user) == "constant" and \

@@ -52,6 +52,7 @@ from .core import lrp_apply
 from .layers.sdpa import ScaledDotProductAttention
 from .ops import (ConvOps, ElementwiseOps, IndexAddOps, LayerNormOps, LinearOps, MatmulOps, MeanOps, ProductOps,
                   SoftmaxOps, SumOps, WeightMatmulOps, einsum_operands)
+from .precision import relevance_to
 from .routing import ROUTING_FUNCTIONS, ROUTING_METHODS
 from .rules.base import Rule
 from .rules.elementwise import Pass
@@ -90,6 +91,7 @@ _RSUBS = {_T.__rsub__}
 _MULS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, operator.mul, _T.__imul__, _T.mul_}
 _DIVS = {torch.div, _T.div, _T.__truediv__, operator.truediv, _T.__itruediv__, _T.div_}
 _MATMULS = {torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm}
+_BADDBMMS = {torch.baddbmm, _T.baddbmm}
 _SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
 _REDUCE = {torch.mean: False, _T.mean: False, torch.sum: True, _T.sum: True}
 _NEG = {torch.neg, _T.neg, _T.__neg__}
@@ -188,6 +190,8 @@ class OpRules(TorchFunctionMode):
             return self._index_add(func, *args)
         if func is torch.addmm and len(args) == 3 and not kwargs and self._carries(args[1]) and not self._carries(args[2]):
             return lrp_apply(LinearOps(), rules["weighted"], args[1], args[2].t(), args[0])  # x @ w + b
+        if func in _BADDBMMS:
+            return self._baddbmm(func, args, kwargs)
         if func is F.layer_norm:
             bound = _bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
             if "normalized_shape" not in bound:
@@ -234,7 +238,7 @@ class OpRules(TorchFunctionMode):
                 b = -b if not isinstance(b, Tensor) else lrp_apply(ElementwiseOps(torch.neg), _PASS, b)
             return self._sum(a, b)
         if len(args) == 2 and func in _MULS | _DIVS:
-            return self._product(args[0], args[1], func in _DIVS)
+            return self._product(func, args[0], args[1], func in _DIVS)
         if len(args) == 1 and func in _NEG:
             return lrp_apply(ElementwiseOps(torch.neg), _PASS, args[0])
         if func in _ACTIVATIONS and len(args) >= 1 and isinstance(args[0], Tensor):
@@ -248,8 +252,9 @@ class OpRules(TorchFunctionMode):
             return NotImplemented
         a, b = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=tensor.dtype, device=tensor.device)
                 for t in (a, b))
-        if a.dtype != b.dtype:
-            return NotImplemented
+        if a.dtype != b.dtype:  # float32 scores + a float64 mask: computed in the wider type, as torch does
+            dtype = torch.result_type(a, b)
+            a, b = a.to(dtype), b.to(dtype)
         return lrp_apply(SumOps(), self.rules["sum"], (a, b))
 
     def _index_add(self, func, base: Tensor, dim: int, index: Tensor, source: Tensor):
@@ -261,7 +266,7 @@ class OpRules(TorchFunctionMode):
             return base.copy_(out)
         return out
 
-    def _product(self, a, b, divide: bool):
+    def _product(self, func, a, b, divide: bool):
         if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
             tensor, number = (a, b) if isinstance(a, Tensor) else (b, a)
             if not isinstance(number, (int, float)):
@@ -271,13 +276,34 @@ class OpRules(TorchFunctionMode):
             return lrp_apply(ElementwiseOps(function), _PASS, tensor)
         # a parameter is a constant factor (a layer scale, a norm's weight): it takes no relevance
         a, b = (t.detach() if isinstance(t, nn.Parameter) else t for t in (a, b))
+        if divide and self._carries(b):  # the divisor is a statistic, held constant (lrpx.statistics)
+            b = b.detach()
+            if not self._carries(a):
+                return func(a, b)
         if not (self._carries(a) or self._carries(b)):
             return NotImplemented
-        if divide and self._carries(b):
-            return NotImplemented  # a division by an activation: its gradient
         signal = None if self._carries(a) and self._carries(b) else 0 if self._carries(a) else 1
         return lrp_apply(ProductOps(signal, divide, (a.shape, b.shape)), self.rules["product"], (a, b))
 
+
+    def _baddbmm(self, func, args, kwargs):
+        """``beta * input + alpha * (batch1 @ batch2)`` (attention scores and a bias, BLOOM's
+        ALiBi): the product, its scaling and the sum take their rules; the value is torch's
+        fused one, and its relevance passes to the composition."""
+        bound = _bind(("input", "batch1", "batch2", "beta", "alpha"), args, kwargs)
+        base, a, b = (bound.get(k) for k in ("input", "batch1", "batch2"))
+        beta, alpha = bound.get("beta", 1), bound.get("alpha", 1)
+        if not all(isinstance(t, Tensor) for t in (base, a, b)) or \
+                not all(isinstance(v, (int, float)) for v in (beta, alpha)):
+            return NotImplemented
+        scores = self._with_rule(torch.bmm, (a, b), {})
+        if scores is NotImplemented or self._carries(base):
+            return NotImplemented
+        if alpha != 1:
+            scores = self._product(operator.mul, scores, alpha, False)
+        with torch.no_grad():
+            value = func(*args, **kwargs)
+        return relevance_to(value, scores if beta == 0 else self._sum(base * beta, scores))  # beta 0: no input
 
     def _conv(self, dim: int, args, kwargs):
         bound = _bind(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, kwargs)

@@ -370,7 +370,7 @@ def _rewrite_product(module: nn.Module, graph: fx.Graph, node: fx.Node, kinds: d
     divide = node.target in (operator.truediv, operator.itruediv, torch.div, "div")
     signal = [isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args]
     if not any(signal) or (divide and signal[1]):
-        return None  # nothing from the input, or a division by an activation: plain gradient
+        return None  # nothing from the input (lrpx.statistics holds a divisor from it constant)
     if all(signal):
         gates = [_is_gate(module, a) for a in node.args]
         index = gates.index(False) if gates.count(False) == 1 else None

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .precision import relevance_to
-from .rewrite import CASTS, RESHAPES, _is_product, tags
+from .rewrite import CASTS, RESHAPES, tags
 
 __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 
@@ -20,11 +20,11 @@ __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 _ROUTING_METHODS = RESHAPES | CASTS | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow",
                                        "select", "repeat", "tile", "clone", "unflatten", "movedim", "swapaxes",
                                        "view_as", "reshape_as", "squeeze_", "unsqueeze_", "append", "extend",
-                                       "insert", "unfold", "topk"}
+                                       "insert", "unfold", "topk", "broadcast_to"}
 _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
                       torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
                       torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
-                      torch.swapaxes, torch.unflatten, torch.tile, torch.repeat_interleave,
+                      torch.swapaxes, torch.unflatten, torch.tile, torch.repeat_interleave, torch.broadcast_to,
                       # the winner of max pooling takes the relevance; dropout is the identity in eval
                       F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                       F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
@@ -42,28 +42,15 @@ ROUTING_FUNCTIONS = frozenset(_ROUTING_FUNCTIONS)
 ROUTING_METHODS = frozenset(_ROUTING_METHODS)
 
 
-def _divisors(graph: fx.Graph) -> set[fx.Node]:
-    """Divisions by activations and what only feeds their divisors (``x / x.abs().sum()``): a
-    normaliser, whose plain gradient is kept by design."""
-    found: set[fx.Node] = set()
-    for node in reversed(list(graph.nodes)):
-        if _is_product(node) and node.target in (operator.truediv, operator.itruediv, torch.div, "div"):
-            found.add(node)
-        elif node.users and all(u in found and (u.args[1] is node if _is_product(u) else True) for u in node.users):
-            found.add(node)
-    return found
-
-
 def unrouted(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> list[str]:
     """The operations of a traced forward that change values from the input outside of a
-    layer (what is left after :func:`rewrite_functional`), by name; divisions by activations
-    and their divisors (normalisers), list operations and what the arguments named in
-    ``sizes`` (sizes the callers pass, as to a position encoding) determine aside."""
+    layer (what is left after :func:`rewrite_functional`), by name; list operations and what
+    the arguments named in ``sizes`` (sizes the callers pass, as to a position encoding)
+    determine aside."""
     kinds = tags(graph, sizes)
-    divisors = _divisors(graph)
     bad = []
     for node in graph.nodes:
-        if node.op not in ("call_function", "call_method") or kinds[node] != "input" or node in divisors:
+        if node.op not in ("call_function", "call_method") or kinds[node] != "input":
             continue
         if (node.op == "call_method" and node.target in _ROUTING_METHODS) or \
                 (node.op == "call_function" and node.target in _ROUTING_FUNCTIONS):

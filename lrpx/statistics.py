@@ -14,9 +14,12 @@ lrpx does so wherever such a factor appears, without knowing the class that comp
   statistic is then computed from constants alone, so a product with it is a constant factor
   (:class:`lrpx.layers.Product` gives all relevance to the activation) and the operations that
   compute it take no rule;
+* a division ``a / b`` by an activation ``b`` is a product with the root ``1 / b``: the divisor
+  is a statistic in the same way (``x / x.sum(-1, keepdim=True)``, a router's renormalised
+  top-k weights, ``x / (1 + exp(-x))``), and all of the relevance of ``a / b`` goes to ``a``;
 * in forward code that runs with rules at run time (:mod:`lrpx.oplevel`), the same roots
   applied to an activation compute their result from the detached activation
-  (:data:`ROOTS`), with the same effect.
+  (:data:`ROOTS`), and divisors are detached, with the same effect.
 
 The forward value is unchanged: ``held`` returns the same numbers.
 """
@@ -44,6 +47,7 @@ ROOTS = frozenset({torch.rsqrt, _T.rsqrt, torch.sqrt, _T.sqrt, torch.reciprocal,
                    torch.var_mean, torch.std_mean})
 _ROOT_METHODS = frozenset({"rsqrt", "sqrt", "reciprocal", "norm", "var", "std"})
 _POWS = {operator.pow, torch.pow}
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
 
 
 def is_root(node: fx.Node) -> bool:
@@ -58,18 +62,38 @@ def is_root(node: fx.Node) -> bool:
     return is_pow and isinstance(exponent, (int, float)) and exponent < 0
 
 
+def is_division(node: fx.Node) -> bool:
+    """Whether ``node`` is ``a / b`` of two values (no rounding mode)."""
+    is_div = (node.op == "call_function" and node.target in _DIVISIONS) or \
+        (node.op == "call_method" and node.target == "div")
+    return is_div and len(node.args) == 2 and not node.kwargs
+
+
 def hold_statistics(graph: fx.Graph, kinds: dict[fx.Node, str]) -> bool:
     """Cut every statistic of ``graph`` off the activations it is computed from (see the module
     docstring); ``kinds`` are the tags of :func:`lrpx.rewrite.tags`. Whether anything changed."""
     changed = False
+    for node in [n for n in graph.nodes if is_division(n) and kinds.get(n.args[1]) == "input"]:
+        with graph.inserting_before(node):  # a / b as a * (1 / b): the divisor is a statistic
+            divisor = graph.call_function(held, (node.args[1],))
+        node.update_arg(1, divisor)
+        _cut(graph, _statistic(graph, divisor, kinds) - {divisor}, kinds)
+        changed = True
     for root in [n for n in graph.nodes if is_root(n) and n.args and kinds.get(n.args[0]) == "input"]:
-        chain = _statistic(graph, root, kinds)
-        for node in chain:
-            for source in [a for a in node.all_input_nodes if a not in chain and kinds.get(a) == "input"]:
-                with graph.inserting_after(source):
-                    constant = graph.call_function(held, (source,))
-                node.replace_input_with(source, constant)
-                changed = True
+        changed |= _cut(graph, _statistic(graph, root, kinds), kinds)
+    return changed
+
+
+def _cut(graph: fx.Graph, chain: set[fx.Node], kinds: dict[fx.Node, str]) -> bool:
+    """Compute the operations ``chain`` from constants: each activation that is read by one
+    of them and computed outside of it is read through :func:`held`."""
+    changed = False
+    for node in chain:
+        for source in [a for a in node.all_input_nodes if a not in chain and kinds.get(a) == "input"]:
+            with graph.inserting_after(source):
+                constant = graph.call_function(held, (source,))
+            node.replace_input_with(source, constant)
+            changed = True
     return changed
 
 

@@ -198,7 +198,9 @@ def test_product_of_two_linear_branches_is_uniform():
     torch.testing.assert_close(rel.sum(), y.detach().sum(), rtol=1e-4, atol=0)
 
 
-def test_shape_arithmetic_and_division_by_activations_stay_plain():
+def test_shape_arithmetic_stays_plain_and_a_divisor_from_the_input_is_held():
+    """``h / h.abs().sum()``: the divisor is a statistic held constant, so all of the output
+    relevance reaches ``h`` (where the plain gradient would subtract a share through the sum)."""
     class Reshaping(nn.Module):
         def __init__(self):
             super().__init__()
@@ -209,11 +211,41 @@ def test_shape_arithmetic_and_division_by_activations_stay_plain():
             h = self.fc(x).reshape(n * 2, c // 2)
             return h / h.abs().sum()
 
+    torch.manual_seed(0)
     model = Reshaping().double().eval()
     lrp = lrpx.convert(model)
-    assert not any(isinstance(m, (Product, Add)) for m in lrp.modules())
+    assert sum(isinstance(m, Product) for m in lrp.modules()) == 1 and not any(isinstance(m, Add) for m in lrp.modules())
     x = torch.randn(3, 4, dtype=DT)
-    torch.testing.assert_close(lrp(x), model(x))
+    torch.testing.assert_close(lrp(x), model(x), rtol=0, atol=0)
+    y, rel = relevance(lrp, x)
+    r_h = y.detach().reshape(3, 4)  # y = h / S with S constant: R_h = R_y
+    expected = epsilon_linear(x, model.fc.weight.detach(), model.fc.bias.detach(), r_h)
+    torch.testing.assert_close(rel, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_divisor_at_run_time_is_held_as_in_traced_code():
+    """The same normalisation in forward code that cannot be traced (a data-dependent branch)
+    takes the same relevance."""
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if h.sum() > -1e9:  # data-dependent: runs with rules at run time
+                h = h.clone()
+                h /= h.abs().sum(-1, keepdim=True)
+            return h
+
+    torch.manual_seed(1)
+    model = Untraceable().double().eval()
+    lrp = lrpx.convert(model)
+    x = torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(lrp(x), model(x), rtol=0, atol=0)
+    y, rel = relevance(lrp, x)
+    expected = epsilon_linear(x, model.fc.weight.detach(), model.fc.bias.detach(), y.detach())
+    torch.testing.assert_close(rel, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_functional_softmax_gets_the_attnlrp_rule():
