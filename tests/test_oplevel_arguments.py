@@ -55,3 +55,56 @@ def test_activation_called_with_inplace_false_by_name_takes_its_rule():
     assert type(y.grad_fn).__name__ == "LRPFunctionBackward"
     # Pass gives the output's relevance to the input as it is; the plain gradient would mask it
     assert torch.autograd.grad(y, x, torch.ones_like(y))[0].tolist() == [[1.0, 1.0, 1.0]]
+
+
+def _rules():
+    from lrpx.rules import Norm, Pass, Uniform
+    return {"elementwise": Pass(), "sum": Norm(0.0), "bilinear": Uniform(0.0), "product": Uniform(0.0)}
+
+
+def test_baddbmm_of_scores_and_a_constant_bias_takes_the_rules_of_its_parts():
+    """``beta * bias + alpha * (q @ k)`` (BLOOM's ALiBi scores): the value is torch's fused one;
+    the bias absorbs its share ``beta b / z`` of each score's relevance, the rest goes half to
+    ``q`` and half to ``k`` by the product rule (epsilon 0 here), written out by hand."""
+    import warnings
+
+    import lrpx
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 1, 5, generator=g, dtype=torch.float64)
+    R = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lrpx.oplevel.UnruledOperationWarning)
+        with OpRules(_rules()):
+            z = bias.baddbmm(batch1=q * 1.0, batch2=k * 1.0, beta=0.5, alpha=0.25)
+    assert torch.equal(z.detach(), torch.baddbmm(bias, q.detach(), k.detach(), beta=0.5, alpha=0.25))
+    r_q, r_k = torch.autograd.grad(z, (q, k), R)
+    scores = 0.25 * (q.detach() @ k.detach())
+    r_scores = R * scores / (0.5 * bias + scores)  # the sum rule: each operand in proportion
+    # the product rule, epsilon 0: R_q[i, j] = sum_s q_ij k_js r_s / (2 (q k)_is), alike for k
+    share = r_scores / (2 * scores / 0.25)
+    expected_q = q.detach() * (share @ k.detach().mT)
+    expected_k = k.detach() * (q.detach().mT @ share)
+    torch.testing.assert_close(r_q, expected_q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(r_k, expected_k, rtol=1e-10, atol=1e-12)
+
+
+def test_a_sum_of_two_dtypes_takes_the_sum_rule_in_the_wider_one():
+    """float32 scores plus a float64 mask (GPT-J's eager attention in a float64 model): the sum
+    rule applies, computed in float64 as torch computes the sum; no unruled-operation warning."""
+    import warnings
+
+    import lrpx
+
+    x = torch.tensor([[1.0, 2.0, -3.0]], requires_grad=True)
+    mask = torch.tensor([[0.5, -1.0, 0.25]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lrpx.oplevel.UnruledOperationWarning)
+        with OpRules(_rules()):
+            z = (x * 1.0) + mask
+    assert z.dtype == torch.float64 and torch.equal(z.detach(), x.detach().double() + mask)
+    (r,) = torch.autograd.grad(z, x, torch.ones_like(z))
+    assert r.dtype == torch.float32
+    torch.testing.assert_close(r.double(), x.detach().double() / z.detach(), rtol=1e-7, atol=0)
