@@ -47,6 +47,11 @@ class TokenExplanation:
         ``(B,)`` non-negative position whose logits are explained; ``None`` for a classifier.
     embedding_relevance
         ``(B, T, H)`` relevance of each embedding entry (zero at padded tokens).
+    decoder_relevance
+        Encoder-decoder models: ``(B, S)`` relevance of each decoder input token (the output so
+        far); the logits, position and score are then the decoder's. ``None`` otherwise.
+    decoder_embedding_relevance
+        ``(B, S, H)`` relevance of each decoder embedding entry, or ``None``.
     """
 
     relevance: Tensor
@@ -55,6 +60,8 @@ class TokenExplanation:
     score: Tensor
     position: Tensor | None
     embedding_relevance: Tensor
+    decoder_relevance: Tensor | None = None
+    decoder_embedding_relevance: Tensor | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.relevance, self.logits))
@@ -68,6 +75,8 @@ def explain_tokens(
     position: int | Sequence[int] | Tensor = -1,
     attention_mask: Tensor | None = None,
     embedding: nn.Module | None = None,
+    decoder_input_ids: Tensor | None = None,
+    decoder_attention_mask: Tensor | None = None,
 ) -> TokenExplanation:
     """Relevance of each input token for one logit of a language model.
 
@@ -96,6 +105,13 @@ def explain_tokens(
     embedding
         The input embedding (an ``nn.Embedding``) to use instead of
         ``lrp_model.get_input_embeddings()``, e.g. the original model's.
+    decoder_input_ids
+        Encoder-decoder models (T5, BART): ``(B, S)`` the decoder's input, the output so far
+        (starting with the decoder's start token, as ``generate`` returns it); ``position``
+        and ``target`` then refer to the decoder's logits, and both the encoder's and the
+        decoder's tokens get relevance. Required for such models.
+    decoder_attention_mask
+        ``(B, S)`` mask of ``decoder_input_ids``.
 
     Returns
     -------
@@ -106,6 +122,7 @@ def explain_tokens(
     mask = _check_mask(attention_mask, ids)
     embedding = input_embedding(lrp_model) if embedding is None else _check_embedding(embedding)
     _check_vocabulary(ids, embedding)
+    decoder = _decoder_inputs(lrp_model, decoder_input_ids, decoder_attention_mask, len(ids))
     weight = getattr(embedding, "weight", None)
     if isinstance(weight, Tensor):  # the ids go where the embedding is
         ids = ids.to(weight.device)
@@ -115,22 +132,64 @@ def explain_tokens(
         kwargs: dict[str, Any] = {"inputs_embeds": embeds}
         if mask is not None:
             kwargs.update(attention_mask=mask, **padded_positions(lrp_model, mask))
+        inputs, explained = [embeds], ids
+        if decoder is not None:
+            dec_ids, dec_mask, dec_embedding = decoder
+            dec_ids = dec_ids.to(ids.device)
+            dec_mask = None if dec_mask is None else dec_mask.to(ids.device)
+            dec_embeds = dec_embedding(dec_ids).detach().requires_grad_(True)
+            kwargs["decoder_inputs_embeds"] = dec_embeds
+            if dec_mask is not None:
+                kwargs["decoder_attention_mask"] = dec_mask
+            inputs, explained = [embeds, dec_embeds], dec_ids
         logits = model_logits(lrp_model(**kwargs))
         if not logits.requires_grad:
             raise ValueError("the model's logits do not depend on inputs_embeds; its forward must use the "
                              "inputs_embeds= it is given (and not run under torch.no_grad)")
-        rows, positions = _rows(logits, position, ids.shape)
+        rows, positions = _rows(logits, position, explained.shape)
         classes = check_targets(target, rows, "classes" if positions is None else "token ids")
         r_out = torch.zeros_like(logits)
         batch = torch.arange(ids.shape[0], device=logits.device)
         index = (batch, classes) if positions is None else (batch, positions, classes)
         score = logits.detach()[index]
         r_out[index] = score
-        (relevance,) = torch.autograd.grad(logits, embeds, grad_outputs=r_out)
+        relevance, *dec_relevance = torch.autograd.grad(logits, inputs, grad_outputs=r_out, allow_unused=True)
+    relevance = _masked(relevance, embeds, mask)
+    if decoder is None:
+        return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance)
+    dec_relevance = _masked(dec_relevance[0], dec_embeds, dec_mask)
+    return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance,
+                            dec_relevance.sum(-1), dec_relevance)
+
+
+def _masked(relevance: Tensor | None, embeds: Tensor, mask: Tensor | None) -> Tensor:
+    """Embedding relevance (zeros where nothing reached it), checked finite, zero at padding."""
+    relevance = torch.zeros_like(embeds) if relevance is None else relevance
     _check_finite(relevance)
-    if mask is not None:
-        relevance = relevance.masked_fill((mask == 0).unsqueeze(-1), 0.0)
-    return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance)
+    return relevance if mask is None else relevance.masked_fill((mask == 0).unsqueeze(-1), 0.0)
+
+
+def _decoder_inputs(model: nn.Module, decoder_input_ids, decoder_attention_mask, batch: int):
+    """``(ids, mask, embedding)`` of an encoder-decoder model's decoder input, checked, or
+    ``None`` for other models; the error that names what is wrong."""
+    config = getattr(model, "config", None)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if decoder_input_ids is None:
+        if encoder_decoder or decoder_attention_mask is not None:
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model: pass decoder_input_ids, the "
+                             "decoder's output so far (starting with its start token, as generate returns it)"
+                             if encoder_decoder else "decoder_attention_mask given without decoder_input_ids")
+        return None
+    if not encoder_decoder or not hasattr(model, "get_decoder"):
+        raise ValueError(f"decoder_input_ids is for encoder-decoder models (T5, BART); {type(model).__name__} is "
+                         "not one")
+    ids = _check_ids(decoder_input_ids, "decoder_input_ids")
+    if len(ids) != batch:
+        raise ValueError(f"decoder_input_ids has {len(ids)} sequences, input_ids has {batch}; they must match")
+    mask = _check_mask(decoder_attention_mask, ids, "decoder_attention_mask", "decoder_input_ids")
+    embedding = input_embedding(model.get_decoder())
+    _check_vocabulary(ids, embedding)
+    return ids, mask, embedding
 
 
 def explain_generated(
@@ -140,12 +199,16 @@ def explain_generated(
     *,
     attention_mask: Tensor | None = None,
     embedding: nn.Module | None = None,
+    input_ids: Tensor | None = None,
 ) -> TokenExplanation:
     """Relevance of the tokens before ``sequences[:, index]`` for that token, as ``generate`` chose it.
 
     ``model.generate`` returns the prompt followed by the generated tokens (``sequences``); the
     token at ``index`` was predicted from ``sequences[:, :index]`` at its last position. This is
     :func:`explain_tokens` on that prefix with ``target=sequences[:, index]`` and ``position=-1``.
+    For an encoder-decoder model, ``generate`` returns the decoder's tokens (``sequences``,
+    starting with its start token) and ``input_ids`` is the encoder's input: the relevance is
+    then that of ``input_ids`` and, as ``decoder_relevance``, of ``sequences[:, :index]``.
 
     Parameters
     ----------
@@ -158,9 +221,11 @@ def explain_generated(
         (negative counts from the end).
     attention_mask
         ``(B, L)`` mask of ``sequences`` (the prompt's mask extended by ones); its first
-        ``index`` columns go to the model.
+        ``index`` columns go to the model. With ``input_ids``: the mask of ``input_ids``.
     embedding
         As in :func:`explain_tokens`.
+    input_ids
+        Encoder-decoder models: ``(B, T)`` the encoder's input that ``generate`` was given.
 
     Returns
     -------
@@ -175,6 +240,9 @@ def explain_generated(
     if not 1 <= at < length:
         raise ValueError(f"index {index} is outside the sequences of length {length}: the explained token needs "
                          f"at least one token before it (valid: 1..{length - 1}, or -{length - 1}..-1)")
+    if input_ids is not None:
+        return explain_tokens(lrp_model, input_ids, ids[:, at], position=-1, attention_mask=attention_mask,
+                              embedding=embedding, decoder_input_ids=ids[:, :at])
     mask = _check_mask(attention_mask, ids)
     prefix_mask = None if mask is None else mask[:, :at]
     return explain_tokens(lrp_model, ids[:, :at], ids[:, at], position=-1, attention_mask=prefix_mask,
@@ -232,29 +300,29 @@ def model_logits(output) -> Tensor:
     return logits
 
 
-def _check_ids(input_ids) -> Tensor:
+def _check_ids(input_ids, name: str = "input_ids") -> Tensor:
     if not isinstance(input_ids, Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        raise TypeError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
     ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, tokens) with at least one "
+        raise ValueError(f"{name} has shape {tuple(input_ids.shape)}; expected (batch, tokens) with at least one "
                          "sequence of at least one token")
     return ids.long()
 
 
-def _check_mask(attention_mask, ids: Tensor) -> Tensor | None:
+def _check_mask(attention_mask, ids: Tensor, name: str = "attention_mask", of: str = "input_ids") -> Tensor | None:
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, Tensor):
-        raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        raise TypeError(f"{name} must be a tensor, got {type(attention_mask).__name__}")
     mask = attention_mask.unsqueeze(0) if attention_mask.dim() == 1 else attention_mask
     if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but input_ids has "
+        raise ValueError(f"{name} has shape {tuple(attention_mask.shape)}, but {of} has "
                          f"{tuple(ids.shape)}; they must match")
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (real token)")
     return mask.to(ids.device)
 
 

@@ -149,3 +149,42 @@ def test_saved_gpt2_is_converted_and_explained(tiny_gpt2, capsys, tmp_path):
     expected = lrpx.explain_tokens(lrpx.convert(model), torch.tensor([[3, 9, 5]]))
     assert record["relevance"] == pytest.approx(expected.relevance[0].tolist(), rel=1e-5, abs=1e-7)
     assert record["logit"] == pytest.approx(float(expected.logits[0, -1].max()), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-t5")
+    torch.manual_seed(3)
+    config = transformers.T5Config(vocab_size=len(WORDS), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_saved_t5_explains_the_next_output_token(tiny_t5, capsys, tmp_path):
+    """An encoder-decoder model: the source and the decoder's tokens (its start token, then
+    --decoder-text) both get relevance, equal to explain_tokens on the same inputs."""
+    code, out, err = run(capsys, "--model", tiny_t5, "--text", "the dog sat", "--decoder-text", "a cat",
+                         "--out", tmp_path, "--color", "never")
+    assert code == 0, err
+    record = json.loads((tmp_path / "relevance.json").read_text())
+    assert record["ids"] == [3, 9, 5] and record["decoder_ids"] == [0, 8, 4]
+    assert record["decoder_tokens"] == ["[PAD]", "a", "cat"] and record["position"] == 2
+    model = transformers.T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
+    expected = lrpx.explain_tokens(lrpx.convert(model), torch.tensor([[3, 9, 5]]),
+                                   decoder_input_ids=torch.tensor([[0, 8, 4]]))
+    assert record["relevance"] == pytest.approx(expected.relevance[0].tolist(), rel=1e-5, abs=1e-7)
+    assert record["decoder_relevance"] == pytest.approx(expected.decoder_relevance[0].tolist(), rel=1e-5, abs=1e-7)
+    assert record["target"]["id"] == int(expected.target[0])
+    assert "after decoder position 2" in out and "→" in out
+    # no --decoder-text: the first output token, after the start token alone
+    code, _, err = run(capsys, "--model", tiny_t5, "--text", "the dog sat", "--out", tmp_path / "first")
+    assert code == 0, err
+    first = json.loads((tmp_path / "first" / "relevance.json").read_text())
+    assert first["decoder_ids"] == [0] and first["position"] == 0
+
+
+def test_decoder_text_for_a_causal_model_is_refused(tiny_gpt2, capsys, tmp_path):
+    code, _, err = run(capsys, "--model", tiny_gpt2, "--text", "the dog", "--decoder-text", "a", "--out", tmp_path)
+    assert code == 2 and "--decoder-text is for encoder-decoder models (T5, BART); GPT2LMHeadModel is not one" in err

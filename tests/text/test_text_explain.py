@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lrpx
-from toy_lm import BagClassifier, BagLM, ToyLM, converted, greedy, tiny_gpt2
+from toy_lm import BagClassifier, BagLM, BagSeq2Seq, ToyLM, converted, greedy, tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -244,3 +244,78 @@ def test_transformers_sequence_classifier():
         lrpx.explain_tokens(model, ids, 3, attention_mask=mask)
     with pytest.raises(ValueError, match="token id 30 is outside the vocabulary of 30 ids"):
         lrpx.explain_tokens(model, torch.tensor([[2, 30]]))
+
+
+def test_encoder_decoder_relevance_is_each_tokens_share():
+    """Both the source tokens and the decoder's tokens so far get their share of the explained
+    logit, by the closed form of :class:`BagSeq2Seq`."""
+    torch.manual_seed(5)
+    model = BagSeq2Seq().double().eval()
+    lrp_model = converted(model)
+    src = torch.tensor([[3, 1, 4, 1], [9, 2, 6, 5]])
+    src_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    out = torch.tensor([[0, 7, 2], [0, 4, 4]])
+    out_mask = torch.tensor([[1, 1, 1], [1, 0, 1]])
+    result = lrpx.explain_tokens(lrp_model, src, [6, 1], position=[1, -1], attention_mask=src_mask,
+                                 decoder_input_ids=out, decoder_attention_mask=out_mask)
+    A = model.encoder_head.weight.detach().numpy() @ model.embed.weight.detach().numpy().T  # (V, vocabulary)
+    B = model.decoder_head.weight.detach().numpy() @ model.decoder.embed.weight.detach().numpy().T
+    expected_src = np.zeros((2, 4))
+    expected_out = np.zeros((2, 3))
+    for b, (k, t) in enumerate([(6, 1), (1, 2)]):
+        for s_ in range(4):
+            expected_src[b, s_] = A[k, src[b, s_]] * src_mask[b, s_].item()
+        for u in range(t + 1):
+            expected_out[b, u] = B[k, out[b, u]] * out_mask[b, u].item()
+    np.testing.assert_allclose(result.relevance.numpy(), expected_src, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(result.decoder_relevance.numpy(), expected_out, rtol=1e-4, atol=1e-9)
+    assert result.position.tolist() == [1, 2] and result.logits.shape == (2, 3, 11)
+    np.testing.assert_allclose((result.relevance.sum(1) + result.decoder_relevance.sum(1)).numpy(),
+                               result.score.numpy(), rtol=1e-4)
+    assert result.decoder_embedding_relevance.shape == (2, 3, 5)
+    # a decoder-only model has none
+    assert lrpx.explain_tokens(converted(BagLM().double()), src).decoder_relevance is None
+
+
+def test_encoder_decoder_errors():
+    lrp_model = converted(BagSeq2Seq().double().eval())
+    src, out = torch.tensor([[1, 2, 3]]), torch.tensor([[0, 4]])
+    with pytest.raises(ValueError, match="BagSeq2Seq is an encoder-decoder model: pass decoder_input_ids"):
+        lrpx.explain_tokens(lrp_model, src)
+    with pytest.raises(ValueError, match="decoder_input_ids has 2 sequences, input_ids has 1"):
+        lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out.repeat(2, 1))
+    with pytest.raises(ValueError, match=r"decoder_attention_mask has shape \(1, 3\), but decoder_input_ids has "
+                                         r"\(1, 2\)"):
+        lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out, decoder_attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="token id 11 is outside the vocabulary of 11"):
+        lrpx.explain_tokens(lrp_model, src, decoder_input_ids=torch.tensor([[0, 11]]))
+    with pytest.raises(TypeError, match="decoder_input_ids must hold integer token ids"):
+        lrpx.explain_tokens(lrp_model, src, decoder_input_ids=torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(ValueError, match="position 2 is beyond the sequence of 2 tokens"):
+        lrpx.explain_tokens(lrp_model, src, position=2, decoder_input_ids=out)
+    bag = converted(BagLM().double())
+    with pytest.raises(ValueError, match="decoder_input_ids is for encoder-decoder models .* BagLM is not one"):
+        lrpx.explain_tokens(bag, src, decoder_input_ids=out)
+    with pytest.raises(ValueError, match="decoder_attention_mask given without decoder_input_ids"):
+        lrpx.explain_tokens(bag, src, decoder_attention_mask=torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_explain_generated_of_an_encoder_decoder(family):
+    """A token that ``generate`` wrote for a source is the top logit of the decoder's prefix
+    before it; its relevance is that of explain_tokens on the source and that prefix."""
+    import zoo_text
+    model = zoo_text.randomized(zoo_text.families()[family][0]("sdpa")).float()
+    lrp_model = lrpx.convert(model)
+    src = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    sequences = model.generate(src, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    result = lrpx.explain_generated(lrp_model, sequences, 2, input_ids=src, attention_mask=mask)
+    assert torch.equal(result.target, sequences[:, 2])
+    torch.testing.assert_close(result.score, result.logits[:, -1].max(-1).values)
+    assert result.relevance.shape == (2, 4) and result.decoder_relevance.shape == (2, 2)
+    assert result.relevance[1, 3] == 0 and torch.isfinite(result.relevance).all()
+    direct = lrpx.explain_tokens(lrp_model, src, sequences[:, 2], attention_mask=mask,
+                                 decoder_input_ids=sequences[:, :2])
+    torch.testing.assert_close(result.relevance, direct.relevance)
+    torch.testing.assert_close(result.decoder_relevance, direct.decoder_relevance)

@@ -101,6 +101,40 @@ class BagClassifier(_Tokens):
         return {"logits": per_token.sum(1)}
 
 
+class BagSeq2Seq(_Tokens):
+    """An encoder-decoder bag of tokens: ``logits[b, t] = sum_{s, mask[s] = 1} A e[b, s] +
+    sum_{u <= t, dmask[u] = 1} B d[b, u]`` (encoder tokens ``e``, decoder tokens ``d``, their own
+    tables, bias-free heads ``A`` and ``B``). The relevance of encoder token ``s`` for id ``k`` at
+    any position is ``(A e_s)_k``, of decoder token ``u <= t`` it is ``(B d_u)_k``."""
+
+    class _Decoder(_Tokens):
+        def __init__(self, vocabulary: int, hidden: int) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(vocabulary, hidden)
+
+    def __init__(self, vocabulary: int = 11, hidden: int = 5) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"is_encoder_decoder": True})()
+        self.embed = nn.Embedding(vocabulary, hidden)
+        self.decoder = self._Decoder(vocabulary, hidden)
+        self.encoder_head = nn.Linear(hidden, vocabulary, bias=False)
+        self.decoder_head = nn.Linear(hidden, vocabulary, bias=False)
+
+    def get_decoder(self) -> nn.Module:
+        return self.decoder
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, decoder_input_ids=None,
+                decoder_inputs_embeds=None, decoder_attention_mask=None):
+        encoded = self.encoder_head(self.embeds(input_ids, inputs_embeds))  # (B, S, V)
+        if attention_mask is not None:
+            encoded = encoded * attention_mask.unsqueeze(-1).to(encoded.dtype)
+        decoded = self.decoder_head(self.decoder.embeds(decoder_input_ids, decoder_inputs_embeds))  # (B, T, V)
+        batch, length, _ = decoded.shape
+        weights = causal_weights(decoder_attention_mask, length, batch, decoded.dtype)
+        context = encoded.sum(1, keepdim=True)  # (B, 1, V): every position sees the whole source
+        return Output(context + (weights.unsqueeze(-1) * decoded.unsqueeze(1)).sum(2))
+
+
 def converted(model: nn.Module) -> nn.Module:
     """``lrpx.convert`` with the embedding kept as it is (it runs outside the explained part)."""
     return lrpx.convert(model, lrpx.Composite(), twins={nn.Embedding: None})
