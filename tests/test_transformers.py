@@ -29,11 +29,17 @@ CASES = [pytest.param(name, attn, id=f"{name}-{attn}",
          for name, (_, _, attns) in FAMILIES.items() for attn in attns if name not in REFUSED]
 
 
+#: families whose LayerNorm computes in float32 inside a float64 model (OLMo's, Cohere's): the
+#: centring takes its rule in float32, so the relevance crossing it is rounded to float32
+FLOAT32_NORMS = {"olmo", "cohere"}
+
+
 def _bound(name: str) -> float:
-    """1e-8 of the logit for every family. RMSNorm computes in float32 inside a float64 model (as
-    transformers writes it); its relevance skips that round trip (``lrpx.precision``),
-    so it is not rounded to float32 (measured 1e-16 to 5e-11; before, up to 1.8e-8)."""
-    return 1e-8
+    """1e-8 of the logit for every family but :data:`FLOAT32_NORMS` (1e-7, measured 2e-8 to
+    4e-8). RMSNorm computes in float32 inside a float64 model (as transformers writes it); its
+    relevance skips that round trip (``lrpx.precision``), so it is not rounded to float32
+    (measured 1e-16 to 5e-11; before, up to 1.8e-8)."""
+    return 1e-7 if name in FLOAT32_NORMS else 1e-8
 
 
 def _model(name: str, attn: str, seed: int = 0):
@@ -49,7 +55,14 @@ def _inputs(kind: str, seed: int = 1):
     ids = torch.randint(1, VOCAB, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, -2:] = 0  # the second sequence is padded at its end
+    if kind == "seq2seq":  # the decoder's output so far: 5 tokens
+        return {"input_ids": ids, "attention_mask": mask,
+                "decoder_input_ids": torch.randint(1, VOCAB, (2, 5), generator=g)}
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _without_mask(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
 
 
 def _output(out):
@@ -72,11 +85,12 @@ def test_family_converts_and_accounts_for_relevance(name, attn):
     with torch.no_grad():
         _close(_output(lrp(**inputs)), _output(model(**inputs)))
         if kind != "vision":  # without a mask, too
-            _close(_output(lrp(input_ids=inputs["input_ids"])), _output(model(input_ids=inputs["input_ids"])))
+            _close(_output(lrp(**_without_mask(inputs))), _output(model(**_without_mask(inputs))))
     if kind == "vision":
         rel, logit, absorbed = explain_pixels(lrp, inputs["pixel_values"])
-    else:  # position 4: the last one that is not padding in both sequences
-        rel, logit, absorbed = explain_tokens(lrp, inputs["input_ids"], inputs["attention_mask"], position=4)
+    else:  # position 4: the last one that is not padding in both sequences (or of the decoder's 5)
+        rel, logit, absorbed = explain_tokens(lrp, inputs["input_ids"], inputs["attention_mask"], position=4,
+                                              decoder_input_ids=inputs.get("decoder_input_ids"))
     assert torch.isfinite(rel).all() and rel.abs().sum() > 0
     error = float((rel.sum() + absorbed - logit).abs() / logit.abs())
     assert error <= _bound(name), f"{name}/{attn}: accounting error {error:.2e}"

@@ -48,7 +48,8 @@ def row(name: str, attn: str) -> str:
     if kind == "vision":
         rel, logit, absorbed = explain_pixels(lrp, inputs["pixel_values"])
     else:
-        rel, logit, absorbed = explain_tokens(lrp, inputs["input_ids"], inputs["attention_mask"], position=4)
+        rel, logit, absorbed = explain_tokens(lrp, inputs["input_ids"], inputs["attention_mask"], position=4,
+                                              decoder_input_ids=inputs.get("decoder_input_ids"))
     accounting = float((rel.sum() + absorbed - logit).abs() / logit.abs())
     graph = lrp.lrpx_graph
     traced = [n for n in graph.changed if n and n not in graph.oplevel]

@@ -65,6 +65,27 @@ def _distilbert(attn: str):
     return transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float64)
 
 
+def _causal(config):
+    def build(attn: str):
+        config._attn_implementation = attn
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    return build
+
+
+def _seq2seq(config):
+    def build(attn: str):
+        config._attn_implementation = attn
+        return transformers.AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float64)
+    return build
+
+
+def _image_classifier(config, cls):
+    def build(attn: str):
+        config._attn_implementation = attn
+        return cls(config).double()
+    return build
+
+
 def _vision(config_cls, auto, **extra):
     def build(attn: str):
         config = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -76,7 +97,7 @@ def _vision(config_cls, auto, **extra):
 
 def families() -> dict:
     """``{name: (builder(attn) -> model, kind, attention implementations)}``; kind is "causal",
-    "encoder" or "vision"."""
+    "encoder", "seq2seq" or "vision"."""
     t = transformers
     both = ("eager", "sdpa")
     found = {
@@ -91,12 +112,63 @@ def families() -> dict:
         "gemma3": (_decoder(t.Gemma3TextConfig, head_dim=8, sliding_window=16), "causal", both),
         "phi3": (_decoder(t.Phi3Config), "causal", both),
         "gpt2": (_gpt2, "causal", both),
+        "mixtral": (_decoder(t.MixtralConfig, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+                    "causal", both),
+        "qwen2_moe": (_decoder(t.Qwen2MoeConfig, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                               num_experts=4, num_experts_per_tok=2), "causal", both),
+        "gemma": (_decoder(t.GemmaConfig, head_dim=8), "causal", both),
+        "olmo": (_decoder(t.OlmoConfig), "causal", both),
+        "olmo2": (_decoder(t.Olmo2Config), "causal", both),
+        "cohere": (_decoder(t.CohereConfig), "causal", both),
+        "granite": (_decoder(t.GraniteConfig), "causal", both),
+        "smollm3": (_decoder(t.SmolLM3Config), "causal", both),
+        "stablelm": (_decoder(t.StableLmConfig), "causal", both),
+        "starcoder2": (_decoder(t.Starcoder2Config, sliding_window=None), "causal", both),
+        "phi": (_decoder(t.PhiConfig), "causal", both),
+        "gpt_neox": (_decoder(t.GPTNeoXConfig), "causal", both),
+        "gptj": (_causal(t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64,
+                                      pad_token_id=0)), "causal", both),
+        "falcon": (_causal(t.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_kv_heads=2, new_decoder_architecture=True, pad_token_id=0)),
+                   "causal", both),
+        "opt": (_causal(t.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    pad_token_id=0)), "causal", both),
+        # transformers has no sdpa for BLOOM (ALiBi) or DeBERTa-v2
+        "bloom": (_causal(t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)),
+                  "causal", ("eager",)),
         "bert": (_encoder(t.BertConfig), "encoder", both),
         "roberta": (_encoder(t.RobertaConfig), "encoder", both),
         "distilbert": (_distilbert, "encoder", both),
+        "xlm_roberta": (_encoder(t.XLMRobertaConfig), "encoder", both),
+        "electra": (_encoder(t.ElectraConfig, embedding_size=32), "encoder", both),
+        "albert": (_encoder(t.AlbertConfig, embedding_size=16), "encoder", both),
+        "deberta_v2": (_encoder(t.DebertaV2Config), "encoder", ("eager",)),
+        "modernbert": (_encoder(t.ModernBertConfig), "encoder", both),
+        "t5": (_seq2seq(t.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)), "seq2seq", both),
+        "bart": (_seq2seq(t.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                       decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+                                       bos_token_id=2, eos_token_id=1, decoder_start_token_id=2,
+                                       forced_eos_token_id=None, scale_embedding=True)), "seq2seq", both),
         "vit": (_vision(t.ViTConfig, t.ViTForImageClassification, num_labels=3), "vision", both),
         "deit": (_vision(t.DeiTConfig, t.DeiTForImageClassification, num_labels=3), "vision", both),
         "clip_vision": (_vision(t.CLIPVisionConfig, t.CLIPVisionModel), "vision", both),
+        "siglip_vision": (_vision(t.SiglipVisionConfig, t.SiglipVisionModel), "vision", both),
+        "dinov2": (_vision(t.Dinov2Config, t.Dinov2Model), "vision", both),
+        "beit": (_vision(t.BeitConfig, t.BeitForImageClassification, num_labels=3), "vision", both),
+        "swin": (_image_classifier(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                num_heads=[2, 4], window_size=4, num_labels=3),
+                                   t.SwinForImageClassification), "vision", both),
+        "convnext": (_image_classifier(t.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                                        num_labels=3), t.ConvNextForImageClassification),
+                     "vision", ("eager",)),
+        "segformer": (_image_classifier(t.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                                          hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+                                                          decoder_hidden_size=16, num_labels=3, patch_sizes=[7, 3],
+                                                          strides=[4, 2]), t.SegformerForImageClassification),
+                      "vision", ("eager",)),
     }
     return found
 
@@ -194,6 +266,9 @@ def absorbed(c: dict) -> torch.Tensor:
         if isinstance(layer, ops.ConvOps) and c["bias"] is not None:
             b = b.view(1, -1, *([1] * (z.dim() - 2)))
         return R.sum() - (R * (z - b) / stab(z, rule.epsilon)).sum()
+    if isinstance(layer, (ops.WeightMatmulOps, ops.AvgPoolOps, ops.AdaptiveAvgPoolOps)) and \
+            isinstance(rule, (lrpx.rules.Epsilon, lrpx.rules.Norm)):  # linear maps without bias
+        return R.sum() - (R * z / stab(z, rule.epsilon)).sum()
     if isinstance(layer, ops.SumOps):
         share = R / stab(z, rule.epsilon)
         return R.sum() - sum((x * share).sum() for x, k in zip(xs, carries) if k)
@@ -241,24 +316,32 @@ def cache_tensors(cache) -> list[torch.Tensor]:
     return found
 
 
-def explain_tokens(lrp: nn.Module, input_ids, attention_mask=None, position: int = -1, extra=(), **kwargs):
+def explain_tokens(lrp: nn.Module, input_ids, attention_mask=None, position: int = -1, extra=(),
+                   decoder_input_ids=None, **kwargs):
     """(relevance of the input embeddings, explained logit sum, absorbed relevance) of the
-    top logit at ``position`` (causal models) or of the class logits (sequence classifiers),
-    by the contract of lrpx's token explanations: embeddings looked up, passed as
-    ``inputs_embeds``; grad_outputs the logit value, one-hot. The relevance that reaches the
-    tensors ``extra`` (a cache's keys and values) counts as absorbed."""
-    embeds = lrp.get_input_embeddings()(input_ids).detach().requires_grad_()
+    top logit at ``position`` (causal models, or the decoder of an encoder-decoder model given
+    ``decoder_input_ids``) or of the class logits (sequence classifiers), by the contract of
+    lrpx's token explanations: embeddings looked up, passed as ``inputs_embeds`` (and
+    ``decoder_inputs_embeds``); grad_outputs the logit value, one-hot. The relevance that reaches
+    the tensors ``extra`` (a cache's keys and values) counts as absorbed. With a decoder, the
+    relevance returned is that of both embeddings, flattened and joined."""
+    embeds = [lrp.get_input_embeddings()(input_ids).detach().requires_grad_()]
+    if decoder_input_ids is not None:
+        embeds.append(lrp.get_decoder().get_input_embeddings()(decoder_input_ids).detach().requires_grad_())
+        kwargs["decoder_inputs_embeds"] = embeds[1]
     with OpRecorder() as rec:
-        logits = lrp(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).logits
+        logits = lrp(inputs_embeds=embeds[0], attention_mask=attention_mask, **kwargs).logits
     y = logits[:, position] if logits.dim() == 3 else logits
     rows = torch.arange(len(y))
     target = y.detach().argmax(-1)
     grad = torch.zeros_like(y)
     grad[rows, target] = y.detach()[rows, target]
     params = [p for p in lrp.parameters() if p.requires_grad] + list(extra)
-    rel, *param_rel = torch.autograd.grad(y, [embeds] + params, grad, allow_unused=True)
+    *rel, = torch.autograd.grad(y, embeds + params, grad, allow_unused=True)
+    rel, param_rel = rel[:len(embeds)], rel[len(embeds):]
+    rel = rel[0] if len(rel) == 1 else torch.cat([r.flatten() for r in rel])
     by_parameters = sum((g.double().sum() for g in param_rel if g is not None), torch.zeros((), dtype=torch.float64))
-    return rel, grad.sum(), rec.total_absorbed() + by_parameters
+    return rel, grad.sum(), (rec.total_absorbed() + by_parameters).detach()
 
 
 def explain_pixels(lrp: nn.Module, pixels):
@@ -275,4 +358,4 @@ def explain_pixels(lrp: nn.Module, pixels):
     params = [p for p in lrp.parameters() if p.requires_grad]
     rel, *param_rel = torch.autograd.grad(y, [x] + params, grad, allow_unused=True)
     by_parameters = sum((g.double().sum() for g in param_rel if g is not None), torch.zeros((), dtype=torch.float64))
-    return rel, grad.sum(), rec.total_absorbed() + by_parameters
+    return rel, grad.sum(), (rec.total_absorbed() + by_parameters).detach()
