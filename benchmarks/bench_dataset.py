@@ -12,7 +12,11 @@ built-in model (random weights) with ``--methods`` and ``--metrics``:
 * **memory**: the peak resident memory of the pipeline in a fresh process for each count of
   ``--images`` (flat when the images stream);
 * **processes**: the pipeline under ``torch.distributed.run`` with 1 and 2 processes (gloo),
-  one thread each.
+  one thread each; with ``--device cuda``, one process per GPU (NCCL), as many as there are
+  GPUs up to 2.
+
+``--device cuda`` runs the model, the explanations and the metrics on the GPU (decoding stays
+in the DataLoader's processes).
 
 Ratios are measured in the same run; timings on a shared machine vary by 10-20%.
 """
@@ -66,7 +70,8 @@ def pipeline(data: Path, out: Path, args, workers: int = 0) -> float:
     start = time.perf_counter()
     evaluate_dataset(model(), ImageFiles(root, records, transform()), args.methods, args.metrics, out=out,
                      settings=MetricSettings(**SETTINGS), batch_size=args.batch, workers=workers,
-                     low=ds.zbox_bounds()[0], high=ds.zbox_bounds()[1], progress=False, report=False)
+                     low=ds.zbox_bounds()[0], high=ds.zbox_bounds()[1], progress=False, report=False,
+                     device=args.device)
     return time.perf_counter() - start
 
 
@@ -74,15 +79,18 @@ def in_memory(data: Path, args) -> float:
     root, records, _ = image_records(data)
     files = ImageFiles(root, records, transform())
     items = [files[i] for i in range(len(files))]
-    net = model()
+    device = torch.device(args.device)
+    net = model().to(device)
     low, high = ds.zbox_bounds()
     methods = _as_methods(args.methods, low, high)
+    images = [torch.stack([c[1] for c in items[first:first + args.batch]]).to(device)
+              for first in range(0, len(items), args.batch)]  # decoded and on the device already
     start = time.perf_counter()
     explainers = {name: method(net) for name, method in methods.items()}
-    for first in range(0, len(items), args.batch):
+    for first, batch in zip(range(0, len(items), args.batch), images):
         chunk = items[first:first + args.batch]
-        _evaluate_batch(net, [c[0] for c in chunk], torch.stack([c[1] for c in chunk]), None, methods, explainers,
-                        args.metrics, torch.device("cpu"), MetricSettings(**SETTINGS), 0, False)
+        _evaluate_batch(net, [c[0] for c in chunk], batch, None, methods, explainers,
+                        args.metrics, device, MetricSettings(**SETTINGS), 0, False)
     return time.perf_counter() - start
 
 
@@ -91,7 +99,8 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(int(sys.argv[5]))
 import bench_dataset as b
-args = type("A", (), dict(methods=sys.argv[4].split(","), metrics=sys.argv[6].split(","), batch=16))()
+args = type("A", (), dict(methods=sys.argv[4].split(","), metrics=sys.argv[6].split(","), batch=16,
+                          device=sys.argv[7]))()
 b.pipeline(b.Path(sys.argv[2]), b.Path(sys.argv[3]), args)
 # VmHWM: this process's own peak (ru_maxrss would include the parent's, kept across fork and exec)
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")))
@@ -104,7 +113,7 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "13
 
 def peak_rss(data: Path, out: Path, args) -> float:
     run = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent), str(data), str(out),
-                          ",".join(args.methods), str(args.threads), ",".join(args.metrics)],
+                          ",".join(args.methods), str(args.threads), ",".join(args.metrics), args.device],
                          capture_output=True, text=True, check=True, env={**os.environ, **_MALLOC_ENV})
     return int(run.stdout.split()[-1]) / 1024
 
@@ -113,7 +122,7 @@ def processes(data: Path, out: Path, count: int, args) -> float:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(count), "-m", "lrpx",
                "evaluate", "--data", str(data), "--model", "shapes_vgg", "--weights", str(out.parent / "vgg.pt"),
                "--composite", *args.methods, "--metrics", *args.metrics, "--patch-size", "8", "--no-progress",
-               "--images-per-batch", str(args.batch), "--out", str(out)]
+               "--images-per-batch", str(args.batch), "--device", args.device, "--out", str(out)]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return time.perf_counter() - start
@@ -129,10 +138,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-processes", action="store_true", help="skip the 1 vs 2 process comparison")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: one process per GPU under torchrun")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, lrpx {lrpx.__version__}, {args.threads} threads, methods {args.methods}, "
-          f"metrics {args.metrics}, {args.batch} images per batch; medians of {args.repeat} interleaved rounds")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "the CPU"
+    print(f"torch {torch.__version__}, lrpx {lrpx.__version__}, {where}, {args.threads} threads, methods "
+          f"{args.methods}, metrics {args.metrics}, {args.batch} images per batch; medians of {args.repeat} "
+          "interleaved rounds")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.save(model().state_dict(), tmp / "vgg.pt")
@@ -157,11 +169,12 @@ def main() -> None:
         print("\n| images | peak RSS of the pipeline |\n|---|---|")
         for n, r in results.items():
             print(f"| {n} | {r['rss_mib']:.0f} MiB |")
+        counts = [1, 2] if not args.device.startswith("cuda") else list(range(1, min(2, torch.cuda.device_count()) + 1))
         if not args.no_processes:
-            one = processes(data, tmp / "p1", 1, args)
-            two = processes(data, tmp / "p2", 2, args)
-            print(f"\n| processes | wall time ({count} images, incl. start-up) |\n|---|---|\n| 1 | {one:.1f} s |\n"
-                  f"| 2 | {two:.1f} s ({one / two:.2f}x) |")
+            walls = {n: processes(data, tmp / f"p{n}", n, args) for n in counts}
+            print(f"\n| processes | wall time ({count} images, incl. start-up) |\n|---|---|")
+            for n, wall in walls.items():
+                print(f"| {n} | {wall:.1f} s ({walls[1] / wall:.2f}x) |")
         print(json.dumps({"images": count, **{k: statistics.median(v) for k, v in times.items()}}))
 
 
