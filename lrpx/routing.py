@@ -20,11 +20,14 @@ __all__ = ["ROUTING_FUNCTIONS", "ROUTING_METHODS", "unrouted"]
 _ROUTING_METHODS = RESHAPES | CASTS | {"size", "dim", "chunk", "split", "unbind", "roll", "flip", "narrow",
                                        "select", "repeat", "tile", "clone", "unflatten", "movedim", "swapaxes",
                                        "view_as", "reshape_as", "squeeze_", "unsqueeze_", "append", "extend",
-                                       "insert", "unfold", "topk", "broadcast_to"}
+                                       "insert", "unfold", "topk", "broadcast_to",
+                                       "masked_scatter"}
 _ROUTING_FUNCTIONS = {operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape,
                       torch.permute, torch.transpose, torch.roll, torch.chunk, torch.split, torch.unbind,
                       torch.narrow, torch.flip, torch.squeeze, torch.unsqueeze, torch.movedim, torch._assert,
                       torch.swapaxes, torch.unflatten, torch.tile, torch.repeat_interleave, torch.broadcast_to,
+                      # image features placed at a prompt's image tokens (vision-language models)
+                      torch.masked_scatter,
                       # the winner of max pooling takes the relevance; dropout is the identity in eval
                       F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                       F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,

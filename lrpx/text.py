@@ -15,7 +15,7 @@ summed over the hidden size.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,9 @@ class TokenExplanation:
         far); the logits, position and score are then the decoder's. ``None`` otherwise.
     decoder_embedding_relevance
         ``(B, S, H)`` relevance of each decoder embedding entry, or ``None``.
+    pixel_relevance
+        Vision-language models given ``pixel_values``: the relevance of each pixel value, in
+        the shape of ``pixel_values``; ``None`` otherwise.
     """
 
     relevance: Tensor
@@ -62,6 +65,7 @@ class TokenExplanation:
     embedding_relevance: Tensor
     decoder_relevance: Tensor | None = None
     decoder_embedding_relevance: Tensor | None = None
+    pixel_relevance: Tensor | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.relevance, self.logits))
@@ -77,6 +81,8 @@ def explain_tokens(
     embedding: nn.Module | None = None,
     decoder_input_ids: Tensor | None = None,
     decoder_attention_mask: Tensor | None = None,
+    pixel_values: Tensor | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> TokenExplanation:
     """Relevance of each input token for one logit of a language model.
 
@@ -112,6 +118,15 @@ def explain_tokens(
         decoder's tokens get relevance. Required for such models.
     decoder_attention_mask
         ``(B, S)`` mask of ``decoder_input_ids``.
+    pixel_values
+        Vision-language models (LLaVA, PaliGemma, Gemma 3, Qwen2-VL): the image(s) the prompt's
+        image tokens stand for, passed to the model as ``pixel_values=``; they get relevance
+        too (``pixel_relevance``), and the image tokens' own embeddings, which the model
+        replaces by the image's features, get none.
+    inputs
+        Other keyword arguments of the model's forward, passed as they are (e.g.
+        ``image_grid_thw``; ``position_ids`` where the model computes them from ``input_ids``,
+        which it is not given: Qwen2-VL's ``model.model.get_rope_index(...)``).
 
     Returns
     -------
@@ -123,6 +138,7 @@ def explain_tokens(
     embedding = input_embedding(lrp_model) if embedding is None else _check_embedding(embedding)
     _check_vocabulary(ids, embedding)
     decoder = _decoder_inputs(lrp_model, decoder_input_ids, decoder_attention_mask, len(ids))
+    extra = _check_inputs(inputs, pixel_values)
     weight = getattr(embedding, "weight", None)
     if isinstance(weight, Tensor):  # the ids go where the embedding is
         ids = ids.to(weight.device)
@@ -132,7 +148,12 @@ def explain_tokens(
         kwargs: dict[str, Any] = {"inputs_embeds": embeds}
         if mask is not None:
             kwargs.update(attention_mask=mask, **padded_positions(lrp_model, mask))
-        inputs, explained = [embeds], ids
+        kwargs.update(extra)
+        leaves, explained = [embeds], ids
+        if pixel_values is not None:
+            pixels = pixel_values.detach().to(ids.device).requires_grad_(True)
+            kwargs["pixel_values"] = pixels
+            leaves.append(pixels)
         if decoder is not None:
             dec_ids, dec_mask, dec_embedding = decoder
             dec_ids = dec_ids.to(ids.device)
@@ -141,7 +162,8 @@ def explain_tokens(
             kwargs["decoder_inputs_embeds"] = dec_embeds
             if dec_mask is not None:
                 kwargs["decoder_attention_mask"] = dec_mask
-            inputs, explained = [embeds, dec_embeds], dec_ids
+            leaves.append(dec_embeds)
+            explained = dec_ids
         logits = model_logits(lrp_model(**kwargs))
         if not logits.requires_grad:
             raise ValueError("the model's logits do not depend on inputs_embeds; its forward must use the "
@@ -153,13 +175,16 @@ def explain_tokens(
         index = (batch, classes) if positions is None else (batch, positions, classes)
         score = logits.detach()[index]
         r_out[index] = score
-        relevance, *dec_relevance = torch.autograd.grad(logits, inputs, grad_outputs=r_out, allow_unused=True)
-    relevance = _masked(relevance, embeds, mask)
-    if decoder is None:
-        return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance)
-    dec_relevance = _masked(dec_relevance[0], dec_embeds, dec_mask)
-    return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance,
-                            dec_relevance.sum(-1), dec_relevance)
+        grads = dict(zip(map(id, leaves), torch.autograd.grad(logits, leaves, grad_outputs=r_out,
+                                                               allow_unused=True)))
+    relevance = _masked(grads[id(embeds)], embeds, mask)
+    found: dict[str, Tensor] = {}
+    if pixel_values is not None:
+        found["pixel_relevance"] = _masked(grads[id(pixels)], pixels, None)
+    if decoder is not None:
+        dec_relevance = _masked(grads[id(dec_embeds)], dec_embeds, dec_mask)
+        found.update(decoder_relevance=dec_relevance.sum(-1), decoder_embedding_relevance=dec_relevance)
+    return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance, **found)
 
 
 def _masked(relevance: Tensor | None, embeds: Tensor, mask: Tensor | None) -> Tensor:
@@ -167,6 +192,28 @@ def _masked(relevance: Tensor | None, embeds: Tensor, mask: Tensor | None) -> Te
     relevance = torch.zeros_like(embeds) if relevance is None else relevance
     _check_finite(relevance)
     return relevance if mask is None else relevance.masked_fill((mask == 0).unsqueeze(-1), 0.0)
+
+
+#: keyword arguments explain_tokens passes itself
+_OWN_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "decoder_input_ids", "decoder_inputs_embeds",
+               "decoder_attention_mask", "pixel_values")
+
+
+def _check_inputs(inputs, pixel_values) -> dict[str, Any]:
+    """``inputs`` as a dict of keyword arguments that explain_tokens does not set itself, and
+    ``pixel_values`` checked to be a floating tensor."""
+    if pixel_values is not None and not (isinstance(pixel_values, Tensor) and pixel_values.is_floating_point()):
+        given = pixel_values.dtype if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+        raise TypeError(f"pixel_values must be a floating-point tensor, got {given}")
+    if inputs is None:
+        return {}
+    if not isinstance(inputs, Mapping) or not all(isinstance(k, str) for k in inputs):
+        raise TypeError(f"inputs must map keyword names to values, got {type(inputs).__name__}")
+    own = [k for k in inputs if k in _OWN_INPUTS]
+    if own:
+        raise ValueError(f"inputs may not hold {own[0]!r}: explain_tokens sets it (pass input_ids, attention_mask, "
+                         "decoder_input_ids, decoder_attention_mask or pixel_values as its own arguments)")
+    return dict(inputs)
 
 
 def _decoder_inputs(model: nn.Module, decoder_input_ids, decoder_attention_mask, batch: int):
@@ -200,6 +247,8 @@ def explain_generated(
     attention_mask: Tensor | None = None,
     embedding: nn.Module | None = None,
     input_ids: Tensor | None = None,
+    pixel_values: Tensor | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> TokenExplanation:
     """Relevance of the tokens before ``sequences[:, index]`` for that token, as ``generate`` chose it.
 
@@ -226,6 +275,10 @@ def explain_generated(
         As in :func:`explain_tokens`.
     input_ids
         Encoder-decoder models: ``(B, T)`` the encoder's input that ``generate`` was given.
+    pixel_values, inputs
+        As in :func:`explain_tokens` (a vision-language model's image; ``inputs`` whose
+        tensors span the sequence, like ``position_ids``, must cover the first ``index``
+        tokens only).
 
     Returns
     -------
@@ -242,11 +295,12 @@ def explain_generated(
                          f"at least one token before it (valid: 1..{length - 1}, or -{length - 1}..-1)")
     if input_ids is not None:
         return explain_tokens(lrp_model, input_ids, ids[:, at], position=-1, attention_mask=attention_mask,
-                              embedding=embedding, decoder_input_ids=ids[:, :at])
+                              embedding=embedding, decoder_input_ids=ids[:, :at], pixel_values=pixel_values,
+                              inputs=inputs)
     mask = _check_mask(attention_mask, ids)
     prefix_mask = None if mask is None else mask[:, :at]
     return explain_tokens(lrp_model, ids[:, :at], ids[:, at], position=-1, attention_mask=prefix_mask,
-                          embedding=embedding)
+                          embedding=embedding, pixel_values=pixel_values, inputs=inputs)
 
 
 def padded_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 import lrpx
 
-from zoo_text import VOCAB, cache_tensors, explain_pixels, explain_tokens, families, randomized
+from zoo_text import VOCAB, cache_tensors, explain_pixels, explain_tokens, families, randomized, vlm_inputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,7 +81,7 @@ def test_family_converts_and_accounts_for_relevance(name, attn):
     model, kind = _model(name, attn)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lrp = lrpx.convert(model)
-    inputs = _inputs(kind)
+    inputs = vlm_inputs(name, model) if kind == "vlm" else _inputs(kind)
     with torch.no_grad():
         _close(_output(lrp(**inputs)), _output(model(**inputs)))
         if kind != "vision":  # without a mask, too
@@ -89,8 +89,7 @@ def test_family_converts_and_accounts_for_relevance(name, attn):
     if kind == "vision":
         rel, logit, absorbed = explain_pixels(lrp, inputs["pixel_values"])
     else:  # position 4: the last one that is not padding in both sequences (or of the decoder's 5)
-        rel, logit, absorbed = explain_tokens(lrp, inputs["input_ids"], inputs["attention_mask"], position=4,
-                                              decoder_input_ids=inputs.get("decoder_input_ids"))
+        rel, logit, absorbed = explain_tokens(lrp, position=-1 if kind == "vlm" else 4, **inputs)
     assert torch.isfinite(rel).all() and rel.abs().sum() > 0
     error = float((rel.sum() + absorbed - logit).abs() / logit.abs())
     assert error <= _bound(name), f"{name}/{attn}: accounting error {error:.2e}"

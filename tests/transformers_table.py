@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lrpx  # noqa: E402
 from test_transformers import FAMILIES, _inputs, _model, _output  # noqa: E402
-from zoo_text import explain_pixels, explain_tokens  # noqa: E402
+from zoo_text import explain_pixels, explain_tokens, vlm_inputs  # noqa: E402
 
 START, END = "<!-- transformers:start -->", "<!-- transformers:end -->"
 
@@ -41,15 +41,14 @@ def row(name: str, attn: str) -> str:
     except lrpx.UnsupportedModuleError as err:
         refused = ", ".join(f"`{n}` ({cls.__name__})" for n, cls in err.modules[:2])
         return f"| {name} | {attn} | refused: {refused} | | | |"
-    inputs = _inputs(kind)
+    inputs = vlm_inputs(name, model) if kind == "vlm" else _inputs(kind)
     with torch.no_grad():
         expected, out = _output(model(**inputs)), _output(lrp(**inputs))
     forward = float((out - expected).abs().max() / expected.abs().max())
     if kind == "vision":
         rel, logit, absorbed = explain_pixels(lrp, inputs["pixel_values"])
     else:
-        rel, logit, absorbed = explain_tokens(lrp, inputs["input_ids"], inputs["attention_mask"], position=4,
-                                              decoder_input_ids=inputs.get("decoder_input_ids"))
+        rel, logit, absorbed = explain_tokens(lrp, position=-1 if kind == "vlm" else 4, **inputs)
     accounting = float((rel.sum() + absorbed - logit).abs() / logit.abs())
     graph = lrp.lrpx_graph
     traced = [n for n in graph.changed if n and n not in graph.oplevel]

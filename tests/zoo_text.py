@@ -86,6 +86,57 @@ def _image_classifier(config, cls):
     return build
 
 
+#: the image token of the vision-language models here (the last id of the vocabulary)
+IMAGE_TOKEN = VOCAB - 1
+
+
+def _tiny_vision(config_cls=None, patch_size=8):
+    config_cls = config_cls or transformers.CLIPVisionConfig
+    return config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=patch_size)
+
+
+def _tiny_text(config_cls, **extra):
+    return config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **extra)
+
+
+def _vlm(make_config, cls):
+    def build(attn: str):
+        config = make_config()
+        config._attn_implementation = attn
+        for name in getattr(config, "sub_configs", {}):
+            getattr(config, name)._attn_implementation = attn
+        model = cls(config).double()
+        with torch.no_grad():  # projections that transformers initialises to zeros: random, so images matter
+            for p in model.parameters():
+                if p.dim() >= 2 and not p.any():
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+        return model
+    return build
+
+
+def vlm_inputs(name: str, model: nn.Module, seed: int = 1) -> dict:
+    """One prompt with one image: two text tokens, the image's tokens, three text tokens; the
+    model's own keyword arguments for it (Qwen2-VL: the image grid, the token types and the
+    multimodal rotary positions, which it computes from input_ids only)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, VOCAB - 20, (1, 5), generator=g)
+    if name == "qwen2_vl":  # a 16 px image in 4 px patches, 2 x 2 merged: 4 tokens; patches flattened
+        start, end = model.config.vision_start_token_id, model.config.vision_end_token_id
+        ids = torch.cat([text[:, :2], torch.tensor([[start] + [IMAGE_TOKEN] * 4 + [end]]), text[:, 2:]], 1)
+        grid = torch.tensor([[1, 4, 4]])
+        types = (ids == IMAGE_TOKEN).long()
+        positions = model.model.get_rope_index(ids, image_grid_thw=grid, mm_token_type_ids=types)[0]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.randn(16, 3 * 2 * 4 * 4, generator=g, dtype=torch.float64),
+                "image_grid_thw": grid, "mm_token_type_ids": types, "position_ids": positions}
+    count = getattr(model.config, "mm_tokens_per_image", None) or 16  # (32 / 8) ** 2 patches
+    ids = torch.cat([text[:, :2], torch.full((1, count), IMAGE_TOKEN), text[:, 2:]], 1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(1, 3, 32, 32, generator=g, dtype=torch.float64)}
+
+
 def _vision(config_cls, auto, **extra):
     def build(attn: str):
         config = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -97,7 +148,8 @@ def _vision(config_cls, auto, **extra):
 
 def families() -> dict:
     """``{name: (builder(attn) -> model, kind, attention implementations)}``; kind is "causal",
-    "encoder", "seq2seq" or "vision"."""
+    "encoder", "seq2seq", "vlm" (a causal LM given an image, inputs from :func:`vlm_inputs`) or
+    "vision"."""
     t = transformers
     both = ("eager", "sdpa")
     found = {
@@ -152,6 +204,29 @@ def families() -> dict:
                                        decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
                                        bos_token_id=2, eos_token_id=1, decoder_start_token_id=2,
                                        forced_eos_token_id=None, scale_embedding=True)), "seq2seq", both),
+        "llava": (_vlm(lambda: t.LlavaConfig(vision_config=_tiny_vision(), text_config=_tiny_text(t.LlamaConfig),
+                                             image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                                             vision_feature_select_strategy="default"),
+                       t.LlavaForConditionalGeneration), "vlm", both),
+        "paligemma": (_vlm(lambda: t.PaliGemmaConfig(vision_config=_tiny_vision(t.SiglipVisionConfig),
+                                                     text_config=_tiny_text(t.GemmaConfig, head_dim=8),
+                                                     image_token_index=IMAGE_TOKEN, projection_dim=32,
+                                                     hidden_size=32),
+                           t.PaliGemmaForConditionalGeneration), "vlm", both),
+        "gemma3_vlm": (_vlm(lambda: t.Gemma3Config(vision_config=_tiny_vision(t.SiglipVisionConfig, 4),
+                                                   text_config=_tiny_text(t.Gemma3TextConfig, head_dim=8,
+                                                                          sliding_window=16),
+                                                   mm_tokens_per_image=16, image_token_index=IMAGE_TOKEN,
+                                                   boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2),
+                            t.Gemma3ForConditionalGeneration), "vlm", both),
+        "qwen2_vl": (_vlm(lambda: t.Qwen2VLConfig(
+            text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0),
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            image_token_id=IMAGE_TOKEN, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+            vision_end_token_id=VOCAB - 4), t.Qwen2VLForConditionalGeneration), "vlm", both),
         "vit": (_vision(t.ViTConfig, t.ViTForImageClassification, num_labels=3), "vision", both),
         "deit": (_vision(t.DeiTConfig, t.DeiTForImageClassification, num_labels=3), "vision", both),
         "clip_vision": (_vision(t.CLIPVisionConfig, t.CLIPVisionModel), "vision", both),
@@ -317,18 +392,22 @@ def cache_tensors(cache) -> list[torch.Tensor]:
 
 
 def explain_tokens(lrp: nn.Module, input_ids, attention_mask=None, position: int = -1, extra=(),
-                   decoder_input_ids=None, **kwargs):
+                   decoder_input_ids=None, pixel_values=None, **kwargs):
     """(relevance of the input embeddings, explained logit sum, absorbed relevance) of the
     top logit at ``position`` (causal models, or the decoder of an encoder-decoder model given
     ``decoder_input_ids``) or of the class logits (sequence classifiers), by the contract of
     lrpx's token explanations: embeddings looked up, passed as ``inputs_embeds`` (and
     ``decoder_inputs_embeds``); grad_outputs the logit value, one-hot. The relevance that reaches
     the tensors ``extra`` (a cache's keys and values) counts as absorbed. With a decoder, the
-    relevance returned is that of both embeddings, flattened and joined."""
+    relevance returned is that of both embeddings, flattened and joined; with ``pixel_values``
+    (a vision-language model), that of the embeddings and the pixels."""
     embeds = [lrp.get_input_embeddings()(input_ids).detach().requires_grad_()]
     if decoder_input_ids is not None:
         embeds.append(lrp.get_decoder().get_input_embeddings()(decoder_input_ids).detach().requires_grad_())
         kwargs["decoder_inputs_embeds"] = embeds[1]
+    if pixel_values is not None:
+        embeds.append(pixel_values.detach().clone().requires_grad_())
+        kwargs["pixel_values"] = embeds[-1]
     with OpRecorder() as rec:
         logits = lrp(inputs_embeds=embeds[0], attention_mask=attention_mask, **kwargs).logits
     y = logits[:, position] if logits.dim() == 3 else logits

@@ -319,3 +319,59 @@ def test_explain_generated_of_an_encoder_decoder(family):
                                  decoder_input_ids=sequences[:, :2])
     torch.testing.assert_close(result.relevance, direct.relevance)
     torch.testing.assert_close(result.decoder_relevance, direct.decoder_relevance)
+
+
+def _vlm(name):
+    import zoo_text
+    model = zoo_text.randomized(zoo_text.families()[name][0]("sdpa"))
+    return model, zoo_text.vlm_inputs(name, model)
+
+
+def test_vision_language_model_gives_relevance_to_tokens_and_pixels():
+    """LLaVA: the top next-token logit's relevance reaches the text tokens and the pixels
+    (by the contract: embeddings and pixels as leaves, the logit's value as the initial
+    relevance); the image tokens, whose embeddings the model replaces by the image's
+    features, get none."""
+    model, inputs = _vlm("llava")
+    lrp_model = lrpx.convert(model)
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    result = lrpx.explain_tokens(lrp_model, ids, pixel_values=pixels)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    x = pixels.clone().requires_grad_()
+    logits = lrp_model(inputs_embeds=embeds, pixel_values=x).logits
+    target = logits[0, -1].argmax()
+    r_out = torch.zeros_like(logits)
+    r_out[0, -1, target] = logits[0, -1, target].detach()
+    r_embeds, r_pixels = torch.autograd.grad(logits, (embeds, x), r_out)
+    torch.testing.assert_close(result.relevance, r_embeds.sum(-1), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(result.pixel_relevance, r_pixels, rtol=1e-12, atol=1e-15)
+    assert result.pixel_relevance.shape == pixels.shape and r_pixels.abs().sum() > 0
+    image = ids[0] == model.config.image_token_id
+    assert (result.relevance[0, image] == 0).all() and (result.relevance[0, ~image] != 0).all()
+    with torch.no_grad():
+        assert result.score[0] == model(input_ids=ids, pixel_values=pixels).logits[0, -1].max()
+
+
+def test_vision_language_model_takes_its_own_inputs():
+    """Qwen2-VL computes its multimodal rotary positions from input_ids, which the
+    explanation does not pass: given as ``inputs`` (with the image grid), the explained logit
+    is the original model's."""
+    model, inputs = _vlm("qwen2_vl")
+    own = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "position_ids")}
+    result = lrpx.explain_tokens(lrpx.convert(model), inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                                 inputs=own)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.testing.assert_close(result.score[0], logits[0, -1].max(), rtol=1e-12, atol=0)
+    assert torch.isfinite(result.pixel_relevance).all() and result.pixel_relevance.abs().sum() > 0
+
+
+def test_vision_language_errors():
+    model, inputs = _vlm("llava")
+    ids = inputs["input_ids"]
+    with pytest.raises(TypeError, match="pixel_values must be a floating-point tensor, got torch.int64"):
+        lrpx.explain_tokens(model, ids, pixel_values=torch.zeros(1, 3, 32, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="inputs may not hold 'attention_mask': explain_tokens sets it"):
+        lrpx.explain_tokens(model, ids, inputs={"attention_mask": torch.ones_like(ids)})
+    with pytest.raises(TypeError, match="inputs must map keyword names to values, got list"):
+        lrpx.explain_tokens(model, ids, inputs=[1])
