@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
+from hypothesis import strategies as st
 from torch import nn
 
 try:
@@ -314,3 +315,33 @@ def test_network_matches_layerwise_oracle(name, case):
     r_in, _ = relevance(lrp_model, x, target)
     scale = max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(r_in, expected, rtol=1e-8, atol=1e-10 * scale)
+
+
+# ------------------------------------------------------ normalisation by a divisor from the input
+
+
+class _Normalised(nn.Module):
+    """``y / (sum |y| + 1)`` of a network's output ``y``; with ``run_time`` the forward branches on
+    the data, so that it runs with its rules at run time instead of being traced."""
+
+    def __init__(self, net: nn.Module, run_time: bool) -> None:
+        super().__init__()
+        self.net, self.run_time = net, run_time
+
+    def forward(self, x):
+        y = self.net(x)
+        if self.run_time and bool(y.abs().sum() >= 0):
+            y = y.clone()
+        return y / (y.abs().sum(1, keepdim=True) + 1.0)
+
+
+@given(case=cases(), run_time=st.booleans())
+def test_a_divisor_from_the_input_passes_all_relevance(case, run_time):
+    """Dividing by a value computed from the activation holds the divisor constant, traced or
+    at run time: the relevance stays conserved through the normalisation."""
+    model = _Normalised(case.model, run_time).eval()
+    target, out = targets_of(model, case.x)
+    assume(bool((out.gather(1, target[:, None]).abs() > 1e-9).all()))
+    lrp_model = lrpx.convert(model, COMPOSITES["epsilon"]())
+    r_in, out = relevance(lrp_model, case.x, target)
+    assert_conserved(r_in, out, target)
