@@ -237,8 +237,9 @@ def _check_attention_implementations(model: nn.Module) -> None:
 
 def _check_opened(graph: ModelGraph, opened: list[tuple[str, type]], model: nn.Module) -> None:
     """Traced forward code computes nothing from the input outside the layers the rewrite made
-    of it (moving, reshaping and joining values aside; divisions by activations are kept by
-    design): an operation without a rule would pass its plain gradient as relevance. Forward
+    of it (moving, reshaping and joining values aside; divisors from the input are held
+    constant, :mod:`lrpx.statistics`): an operation without a rule would pass its plain
+    gradient as relevance. Forward
     code that does not trace takes its rules at run time (:mod:`lrpx.oplevel`), except a torch
     layer's (an LSTM runs one fused kernel that no rule could see into)."""
     bad, reasons = [], []
@@ -314,10 +315,13 @@ def _absorbs(module: nn.Module, node: fx.Node, kinds: dict[fx.Node, str]) -> boo
     bias table indexed and permuted), reaches only layers and submodules: sums, products and
     attention masks give it its share of relevance as they give a bias, a submodule takes it
     as an input (CaiT's class token), joined to the activations it is one of them, and
-    returned (Swin's relative position bias table, read out) it is a constant to the caller."""
+    returned by a forward that takes no input (Swin's relative position bias table, read out)
+    it is a constant to the caller."""
     for user in node.users:
-        if user.op in ("call_module", "output") or (user.op == "call_function" and user.target in _JOINS) or \
+        if user.op == "call_module" or (user.op == "call_function" and user.target in _JOINS) or \
                 kinds.get(user) == "meta":  # a size read off it
+            continue
+        if user.op == "output" and not any(n.op == "placeholder" for n in user.graph.nodes):
             continue
         if user.op in ("call_method", "call_function") and kinds.get(user) == "constant" and \
                 _absorbs(module, user, kinds):

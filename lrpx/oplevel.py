@@ -22,11 +22,13 @@ no relevance of the input, although they require grad: they are constants to the
 * ``x += y`` (``add_``, and likewise ``-=``, ``*=``, ``/=`` and in-place activations) out of
   place with its rule: the result is what ``x`` is bound to, and no output a rule saved is
   changed (a bare ``x.add_(y)`` whose result is dropped would not change ``x``);
-* ``rsqrt``, ``sqrt``, ``norm``, ``var``, ... of such a value: a statistic, computed from the
-  detached value (:mod:`lrpx.statistics`), so that a product with it passes relevance;
+* ``rsqrt``, ``sqrt``, ``norm``, ``var``, ... of such a value, and the divisor of ``a / b``: a
+  statistic, computed from the detached value (:mod:`lrpx.statistics`), so that a product with
+  it passes relevance (and a quotient whose numerator carries none, ``1 / x``, is a constant);
 * ``a * b``: the product rule, all relevance to the one operand that carries relevance (a
   parameter is a constant factor), half to each of two (a gate is not told apart from a signal here, unlike in traced code);
-  ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule.
+  ``a / c`` and ``-a``: relevance passes; element-wise activations: the element-wise rule;
+* ``torch.baddbmm(bias, a, b)``: the product's rule, its scaling, and the sum rule with the bias.
 
 Indexing, reshapes, rolls, padding, concatenation and max pooling keep their gradient, which
 moves relevance. Any other operation on values from the input keeps its gradient too, and is
@@ -89,7 +91,9 @@ _ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, operator.add, _T.__iadd__, 
 _SUBS = {torch.sub, _T.sub, _T.__sub__, operator.sub, _T.__isub__, _T.sub_}
 _RSUBS = {_T.__rsub__}
 _MULS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, operator.mul, _T.__imul__, _T.mul_}
-_DIVS = {torch.div, _T.div, _T.__truediv__, operator.truediv, _T.__itruediv__, _T.div_}
+_DIVS = {torch.div, _T.div, _T.__truediv__, operator.truediv, _T.__itruediv__, _T.div_, torch.divide, _T.divide,
+         torch.true_divide, _T.true_divide}
+_RDIVS = {_T.__rtruediv__, getattr(_T, "__rdiv__", _T.__rtruediv__)}  # number / tensor
 _MATMULS = {torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm}
 _BADDBMMS = {torch.baddbmm, _T.baddbmm}
 _SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
@@ -239,6 +243,8 @@ class OpRules(TorchFunctionMode):
             return self._sum(a, b)
         if len(args) == 2 and func in _MULS | _DIVS:
             return self._product(func, args[0], args[1], func in _DIVS)
+        if len(args) == 2 and func in _RDIVS:  # number / tensor: the tensor is a divisor
+            return self._product(operator.truediv, args[1], args[0], True)
         if len(args) == 1 and func in _NEG:
             return lrp_apply(ElementwiseOps(torch.neg), _PASS, args[0])
         if func in _ACTIVATIONS and len(args) >= 1 and isinstance(args[0], Tensor):
@@ -267,6 +273,14 @@ class OpRules(TorchFunctionMode):
         return out
 
     def _product(self, func, a, b, divide: bool):
+        if divide and self._carries(b):  # the divisor is a statistic, held constant (lrpx.statistics)
+            b = b.detach()
+            if not self._carries(a):  # a number or a constant over it: a constant, computed out of place
+                out = torch.div(a.detach() if isinstance(a, nn.Parameter) else a, b) if isinstance(a, Tensor) \
+                    else a / b
+                if out.requires_grad:
+                    self._constants[id(out)] = out
+                return out
         if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
             tensor, number = (a, b) if isinstance(a, Tensor) else (b, a)
             if not isinstance(number, (int, float)):
@@ -276,15 +290,10 @@ class OpRules(TorchFunctionMode):
             return lrp_apply(ElementwiseOps(function), _PASS, tensor)
         # a parameter is a constant factor (a layer scale, a norm's weight): it takes no relevance
         a, b = (t.detach() if isinstance(t, nn.Parameter) else t for t in (a, b))
-        if divide and self._carries(b):  # the divisor is a statistic, held constant (lrpx.statistics)
-            b = b.detach()
-            if not self._carries(a):
-                return func(a, b)
         if not (self._carries(a) or self._carries(b)):
             return NotImplemented
         signal = None if self._carries(a) and self._carries(b) else 0 if self._carries(a) else 1
         return lrp_apply(ProductOps(signal, divide, (a.shape, b.shape)), self.rules["product"], (a, b))
-
 
     def _baddbmm(self, func, args, kwargs):
         """``beta * input + alpha * (batch1 @ batch2)`` (attention scores and a bias, BLOOM's
@@ -297,13 +306,17 @@ class OpRules(TorchFunctionMode):
                 not all(isinstance(v, (int, float)) for v in (beta, alpha)):
             return NotImplemented
         scores = self._with_rule(torch.bmm, (a, b), {})
-        if scores is NotImplemented or self._carries(base):
+        if scores is NotImplemented:
             return NotImplemented
         if alpha != 1:
             scores = self._product(operator.mul, scores, alpha, False)
+        if beta != 0:  # (with beta 0 torch ignores the input, even NaN in it)
+            if beta != 1:
+                base = self._product(operator.mul, base, beta, False) if self._carries(base) else base * beta
+            scores = self._sum(base, scores)
         with torch.no_grad():
             value = func(*args, **kwargs)
-        return relevance_to(value, scores if beta == 0 else self._sum(base * beta, scores))  # beta 0: no input
+        return relevance_to(value, scores)
 
     def _conv(self, dim: int, args, kwargs):
         bound = _bind(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, kwargs)

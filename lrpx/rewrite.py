@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .graph import OUTPUT_KINDS, ModelGraph
 from .ops import einsum_operands
 from .calls import layer_from_call
-from .statistics import held
+from .statistics import held, is_division
 from .layers import (Add, Interpolate, Matmul, Mean, Normalize, Product, ScaledDotProductAttention, Sum,
                      WeightMatmul)
 
@@ -31,7 +31,7 @@ __all__ = ["rewrite_functional", "RESHAPES", "CASTS", "tags"]
 _ADDS = {operator.add, operator.iadd, torch.add}
 _INPLACE_METHODS = {"add_": "add", "relu_": "relu", "mul_": "mul", "sigmoid_": "sigmoid", "clamp_": "clamp",
                     "hardtanh_": "hardtanh", "tanh_": "tanh"}
-_PRODUCTS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul}
 _GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm}
 #: the parameters of ``F.scaled_dot_product_attention``, in order
@@ -362,12 +362,12 @@ def _is_add(node: fx.Node) -> bool:
 
 def _is_product(node: fx.Node) -> bool:
     is_product = (node.op == "call_function" and node.target in _PRODUCTS) or \
-                 (node.op == "call_method" and node.target in ("mul", "div"))
-    return is_product and len(node.args) == 2 and not node.kwargs
+                 (node.op == "call_method" and node.target == "mul")
+    return (is_product and len(node.args) == 2 and not node.kwargs) or is_division(node)
 
 
 def _rewrite_product(module: nn.Module, graph: fx.Graph, node: fx.Node, kinds: dict[fx.Node, str]) -> fx.Node | None:
-    divide = node.target in (operator.truediv, operator.itruediv, torch.div, "div")
+    divide = is_division(node)
     signal = [isinstance(a, fx.Node) and kinds[a] == "input" for a in node.args]
     if not any(signal) or (divide and signal[1]):
         return None  # nothing from the input (lrpx.statistics holds a divisor from it constant)

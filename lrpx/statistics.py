@@ -47,7 +47,8 @@ ROOTS = frozenset({torch.rsqrt, _T.rsqrt, torch.sqrt, _T.sqrt, torch.reciprocal,
                    torch.var_mean, torch.std_mean})
 _ROOT_METHODS = frozenset({"rsqrt", "sqrt", "reciprocal", "norm", "var", "std"})
 _POWS = {operator.pow, torch.pow}
-_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide}
+_DIVISION_METHODS = ("div", "divide", "true_divide")
 
 
 def is_root(node: fx.Node) -> bool:
@@ -65,7 +66,7 @@ def is_root(node: fx.Node) -> bool:
 def is_division(node: fx.Node) -> bool:
     """Whether ``node`` is ``a / b`` of two values (no rounding mode)."""
     is_div = (node.op == "call_function" and node.target in _DIVISIONS) or \
-        (node.op == "call_method" and node.target == "div")
+        (node.op == "call_method" and node.target in _DIVISION_METHODS)
     return is_div and len(node.args) == 2 and not node.kwargs
 
 

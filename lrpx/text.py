@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .explain import _check_finite
 
 __all__ = ["explain_tokens", "explain_generated", "TokenExplanation", "model_logits", "input_embedding",
-           "padded_positions"]
+           "padded_positions", "ScaledEmbedding", "check_embedding_path"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,28 @@ class TokenExplanation:
         return iter((self.relevance, self.logits))
 
 
+class ScaledEmbedding(nn.Module):
+    """``embedding(ids) * scale``: the embedding a model computes from ``input_ids`` where its
+    forward scales the lookup itself (Marian's and Pegasus's encoders multiply by
+    ``embed_scale`` only when given ids), for ``explain_tokens(..., embedding=...)``.
+
+    >>> encoder = lrp_model.get_encoder()
+    >>> embedding = ScaledEmbedding(encoder.embed_tokens, encoder.embed_scale)
+    """
+
+    def __init__(self, embedding: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.embedding, self.scale = _check_embedding(embedding), float(scale)
+        self.num_embeddings = embedding.num_embeddings
+
+    @property
+    def weight(self) -> Tensor:
+        return self.embedding.weight
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.embedding(input_ids) * self.scale
+
+
 def explain_tokens(
     lrp_model: nn.Module,
     input_ids: Tensor,
@@ -110,7 +132,9 @@ def explain_tokens(
         of :func:`padded_positions` when there is padding). Padded tokens get exactly zero relevance.
     embedding
         The input embedding (an ``nn.Embedding``) to use instead of
-        ``lrp_model.get_input_embeddings()``, e.g. the original model's.
+        ``lrp_model.get_input_embeddings()``, e.g. the original model's, or a
+        :class:`ScaledEmbedding`. An encoder-decoder's decoder always takes
+        ``lrp_model.get_decoder().get_input_embeddings()``.
     decoder_input_ids
         Encoder-decoder models (T5, BART): ``(B, S)`` the decoder's input, the output so far
         (starting with the decoder's start token, as ``generate`` returns it); ``position``
@@ -139,10 +163,10 @@ def explain_tokens(
     _check_vocabulary(ids, embedding)
     decoder = _decoder_inputs(lrp_model, decoder_input_ids, decoder_attention_mask, len(ids))
     extra = _check_inputs(inputs, pixel_values)
-    weight = getattr(embedding, "weight", None)
-    if isinstance(weight, Tensor):  # the ids go where the embedding is
-        ids = ids.to(weight.device)
-        mask = None if mask is None else mask.to(weight.device)
+    ids = ids.to(_device(embedding, ids.device))  # the ids go where the embedding is
+    mask = None if mask is None else mask.to(ids.device)
+    if pixel_values is None and not extra:
+        check_embedding_path(lrp_model, ids, mask, embedding, decoder)
     with torch.enable_grad():
         embeds = embedding(ids).detach().requires_grad_(True)
         kwargs: dict[str, Any] = {"inputs_embeds": embeds}
@@ -156,8 +180,8 @@ def explain_tokens(
             leaves.append(pixels)
         if decoder is not None:
             dec_ids, dec_mask, dec_embedding = decoder
-            dec_ids = dec_ids.to(ids.device)
-            dec_mask = None if dec_mask is None else dec_mask.to(ids.device)
+            dec_ids = dec_ids.to(_device(dec_embedding, ids.device))
+            dec_mask = None if dec_mask is None else dec_mask.to(dec_ids.device)
             dec_embeds = dec_embedding(dec_ids).detach().requires_grad_(True)
             kwargs["decoder_inputs_embeds"] = dec_embeds
             if dec_mask is not None:
@@ -187,6 +211,46 @@ def explain_tokens(
     return TokenExplanation(relevance.sum(-1), logits.detach(), classes, score, positions, relevance, **found)
 
 
+def _device(embedding: nn.Module, default: torch.device) -> torch.device:
+    weight = getattr(embedding, "weight", None)
+    return weight.device if isinstance(weight, Tensor) else default
+
+
+def check_embedding_path(model: nn.Module, ids: Tensor, mask: Tensor | None, embedding: nn.Module,
+                         decoder: tuple | None = None, tokens: int = 8) -> None:
+    """Raise if ``model`` computes other logits from ``inputs_embeds=embedding(ids)`` than from
+    ``input_ids=ids``: a model that changes the embeddings of ``input_ids`` in its forward (Marian
+    and Pegasus scale them there) would be explained for another forward than its own. Checked on
+    the first ``tokens`` real tokens of the first sequence (and of its decoder input), without
+    gradients; not for a model whose forward takes no ``input_ids``."""
+    real = ids[0] if mask is None else ids[0][mask[0] == 1]
+    if real.numel() == 0 or not _takes(model, "input_ids"):
+        return
+    by_ids: dict[str, Any] = {"input_ids": real[None, :tokens]}
+    by_embeds: dict[str, Any] = {"inputs_embeds": embedding(real[None, :tokens])}
+    if decoder is not None:
+        dec_ids, dec_mask, dec_embedding = decoder
+        dec_real = dec_ids[0] if dec_mask is None else dec_ids[0][dec_mask[0] == 1]
+        dec_real = dec_real[None, :tokens].to(_device(dec_embedding, ids.device))
+        by_ids["decoder_input_ids"] = dec_real
+        by_embeds["decoder_inputs_embeds"] = dec_embedding(dec_real)
+    with torch.no_grad():
+        expected = model_logits(model(**by_ids))
+        got = model_logits(model(**by_embeds))
+    # the same operations either way: equal up to a few roundings of the logits' dtype
+    tolerance = 16 * torch.finfo(expected.dtype).eps if expected.is_floating_point() else 0.0
+    expected, got = expected.double(), got.double()
+    scale = float(expected.abs().max())
+    gap = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    if not gap <= tolerance * scale:
+        raise ValueError(
+            f"{type(model).__name__} computes other logits from inputs_embeds than from input_ids (largest difference "
+            f"{gap:.3g}, largest logit {scale:.3g}): its forward changes what the embedding of input_ids gives (a scale "
+            "applied only to input_ids, as Marian's and Pegasus's encoders do), and the relevance is read at the "
+            "embeddings it is given; pass embedding= a module that computes what the model does with input_ids "
+            "(lrpx.text.ScaledEmbedding(encoder.embed_tokens, encoder.embed_scale) for such an encoder)")
+
+
 def _masked(relevance: Tensor | None, embeds: Tensor, mask: Tensor | None) -> Tensor:
     """Embedding relevance (zeros where nothing reached it), checked finite, zero at padding."""
     relevance = torch.zeros_like(embeds) if relevance is None else relevance
@@ -211,8 +275,9 @@ def _check_inputs(inputs, pixel_values) -> dict[str, Any]:
         raise TypeError(f"inputs must map keyword names to values, got {type(inputs).__name__}")
     own = [k for k in inputs if k in _OWN_INPUTS]
     if own:
-        raise ValueError(f"inputs may not hold {own[0]!r}: explain_tokens sets it (pass input_ids, attention_mask, "
-                         "decoder_input_ids, decoder_attention_mask or pixel_values as its own arguments)")
+        raise ValueError(f"inputs may not hold {own[0]!r}: explain_tokens sets it itself (input_ids, "
+                         "attention_mask, decoder_input_ids, decoder_attention_mask and pixel_values are its own "
+                         "arguments)")
     return dict(inputs)
 
 
@@ -293,6 +358,13 @@ def explain_generated(
     if not 1 <= at < length:
         raise ValueError(f"index {index} is outside the sequences of length {length}: the explained token needs "
                          f"at least one token before it (valid: 1..{length - 1}, or -{length - 1}..-1)")
+    encoder_decoder = bool(getattr(getattr(lrp_model, "config", None), "is_encoder_decoder", False))
+    if encoder_decoder and input_ids is None:
+        raise ValueError(f"{type(lrp_model).__name__} is an encoder-decoder model: pass input_ids, the encoder's "
+                         "input that generate was given (sequences are the decoder's tokens)")
+    if input_ids is not None and not encoder_decoder:
+        raise ValueError(f"input_ids is for encoder-decoder models (T5, BART); {type(lrp_model).__name__} is not "
+                         "one: its sequences hold the prompt")
     if input_ids is not None:
         return explain_tokens(lrp_model, input_ids, ids[:, at], position=-1, attention_mask=attention_mask,
                               embedding=embedding, decoder_input_ids=ids[:, :at], pixel_values=pixel_values,
@@ -319,6 +391,15 @@ def padded_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tens
     if "position_ids" not in parameters:
         return {}
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name`` (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:

@@ -241,6 +241,7 @@ def test_a_divisor_at_run_time_is_held_as_in_traced_code():
     torch.manual_seed(1)
     model = Untraceable().double().eval()
     lrp = lrpx.convert(model)
+    assert "" in lrp.lrpx_graph.oplevel  # the root runs with its rules at run time
     x = torch.randn(3, 4, dtype=DT)
     torch.testing.assert_close(lrp(x), model(x), rtol=0, atol=0)
     y, rel = relevance(lrp, x)
@@ -394,3 +395,67 @@ def test_gated_residual_net_conserves(seed, channels, hidden, size, gate):
     # every operation conserves with zero biases; the gate branch takes nothing
     scale = y.detach().abs().sum()
     torch.testing.assert_close(rel.sum(), y.detach().sum(), rtol=0, atol=1e-9 * float(scale) + 1e-12)
+
+
+class _Quotients(nn.Module):
+    """``h * (2 / h.abs().sum(-1, keepdim=True))``, ``h / p.exp()`` with a parameter and
+    ``torch.divide``: traced, or (``run_time``) with a data-dependent branch, at run time."""
+
+    def __init__(self, run_time: bool):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.p = nn.Parameter(torch.tensor([0.5, -0.25, 1.0, 2.0]))
+        self.run_time = run_time
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.run_time and bool(h.sum() > -1e9):
+            h = h.clone()
+        scale = 2 / h.abs().sum(-1, keepdim=True)  # a number over an activation: a constant
+        return torch.divide(h * scale, self.p.exp() / (h * h).sum())
+
+
+@pytest.mark.parametrize("run_time", [False, True], ids=["traced", "run-time"])
+def test_quotients_hold_their_divisors_alike_traced_and_at_run_time(run_time):
+    """Every divisor computed from the input is a constant, whatever the numerator: the output
+    relevance passes whole to ``h`` (the epsilon rule of ``fc`` after it, by hand), and no
+    operation goes without a rule."""
+    import warnings
+
+    torch.manual_seed(2)
+    model = _Quotients(run_time).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lrpx.oplevel.UnruledOperationWarning)
+        lrp = lrpx.convert(model)
+        assert ("" in lrp.lrpx_graph.oplevel) is run_time
+        x = torch.randn(3, 4, dtype=DT)
+        torch.testing.assert_close(lrp(x), model(x), rtol=0, atol=0)
+        y, rel = relevance(lrp, x)
+    expected = epsilon_linear(x, model.fc.weight.detach(), model.fc.bias.detach(), y.detach())
+    torch.testing.assert_close(rel, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(lrp.p, model.p)
+
+
+def test_a_module_that_returns_a_parameter_for_an_activation_is_refused():
+    """A parameter that a submodule returns, given an activation, meets that activation in the
+    caller as if it carried relevance: refused (a forward without inputs, as Swin's position
+    bias table, returns a constant)."""
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.g.expand_as(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.gain = nn.Linear(4, 4), Gain()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h * self.gain(h)
+
+    with pytest.raises(lrpx.UnsupportedModuleError, match="'gain'"):
+        lrpx.convert(Net())

@@ -58,8 +58,9 @@ def test_activation_called_with_inplace_false_by_name_takes_its_rule():
 
 
 def _rules():
-    from lrpx.rules import Norm, Pass, Uniform
-    return {"elementwise": Pass(), "sum": Norm(0.0), "bilinear": Uniform(0.0), "product": Uniform(0.0)}
+    from lrpx.rules import Epsilon, Norm, Pass, Uniform
+    return {"elementwise": Pass(), "sum": Norm(0.0), "bilinear": Uniform(0.0), "product": Uniform(0.0),
+            "weighted": Epsilon(0.0)}
 
 
 def test_baddbmm_of_scores_and_a_constant_bias_takes_the_rules_of_its_parts():
@@ -108,3 +109,35 @@ def test_a_sum_of_two_dtypes_takes_the_sum_rule_in_the_wider_one():
     (r,) = torch.autograd.grad(z, x, torch.ones_like(z))
     assert r.dtype == torch.float32
     torch.testing.assert_close(r.double(), x.detach().double() / z.detach(), rtol=1e-7, atol=0)
+
+
+def test_baddbmm_with_beta_zero_ignores_even_a_nan_bias():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.full((2, 3, 5), float("nan"), dtype=torch.float64)
+    R = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    with OpRules(_rules()):
+        z = torch.baddbmm(bias, q * 1.0, k * 1.0, beta=0, alpha=2.0)
+    r_q, r_k = torch.autograd.grad(z, (q, k), R)
+    assert torch.isfinite(r_q).all() and torch.isfinite(r_k).all()
+    # no bias: the product rule alone, half of each score's relevance to each factor
+    torch.testing.assert_close((r_q.sum() + r_k.sum()), R.sum(), rtol=1e-10, atol=0)
+
+
+def test_baddbmm_of_a_residual_gives_it_its_share_by_the_sum_rule():
+    """A bias that carries relevance (a residual, broadcast over the rows): the sum rule splits
+    each output's relevance between ``beta * bias`` and the scores in proportion."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 1, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    R = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    with OpRules(_rules()):
+        z = torch.baddbmm(h * 1.0, q * 1.0, k, beta=3.0)
+    r_h, r_q = torch.autograd.grad(z, (h, q), R)
+    base = 3.0 * h.detach()
+    expected_h = (R * base / z.detach()).sum(1, keepdim=True)
+    torch.testing.assert_close(r_h, expected_h, rtol=1e-10, atol=1e-12)
+    # k is a constant: the scores' share goes to q whole (the weighted rule, epsilon 0 here)
+    torch.testing.assert_close(r_q.sum() + r_h.sum(), R.sum(), rtol=1e-10, atol=0)

@@ -145,8 +145,13 @@ def _decoder_ids(args: argparse.Namespace, tokenizer, model: nn.Module, where) -
                              "not one")
         return {}
     start = getattr(config, "decoder_start_token_id", None)
+    if start is None:  # newer configs keep it in the generation config
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if isinstance(start, (list, tuple)):
+        start = start[0] if start else None
     if start is None:
-        raise UsageError(f"{type(model).__name__}'s config has no decoder_start_token_id to start its output with")
+        raise UsageError(f"{type(model).__name__} names no decoder_start_token_id (in its config or generation "
+                         "config) to start its output with")
     rest = tokenizer(args.decoder_text, add_special_tokens=False)["input_ids"] if args.decoder_text else []
     return {"decoder_input_ids": torch.tensor([[int(start), *rest]], device=where)}
 

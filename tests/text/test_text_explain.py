@@ -298,6 +298,8 @@ def test_encoder_decoder_errors():
         lrpx.explain_tokens(bag, src, decoder_input_ids=out)
     with pytest.raises(ValueError, match="decoder_attention_mask given without decoder_input_ids"):
         lrpx.explain_tokens(bag, src, decoder_attention_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="input_ids is for encoder-decoder models .* BagLM is not one"):
+        lrpx.explain_generated(bag, torch.tensor([[1, 2, 3]]), 2, input_ids=src)
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -319,6 +321,11 @@ def test_explain_generated_of_an_encoder_decoder(family):
                                  decoder_input_ids=sequences[:, :2])
     torch.testing.assert_close(result.relevance, direct.relevance)
     torch.testing.assert_close(result.decoder_relevance, direct.decoder_relevance)
+    with torch.no_grad():  # the original model's logits for that prefix
+        logits = model(input_ids=src, attention_mask=mask, decoder_input_ids=sequences[:, :2]).logits[:, -1]
+    torch.testing.assert_close(result.score, logits.max(-1).values, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="is an encoder-decoder model: pass input_ids, the encoder's input"):
+        lrpx.explain_generated(lrp_model, sequences, 2)
 
 
 def _vlm(name):
@@ -375,3 +382,28 @@ def test_vision_language_errors():
         lrpx.explain_tokens(model, ids, inputs={"attention_mask": torch.ones_like(ids)})
     with pytest.raises(TypeError, match="inputs must map keyword names to values, got list"):
         lrpx.explain_tokens(model, ids, inputs=[1])
+
+
+def test_a_model_that_scales_the_embeddings_of_ids_itself_is_caught():
+    """Marian's encoder multiplies the lookup of input_ids by embed_scale, but not embeddings
+    it is given: explaining through inputs_embeds would explain another forward. That is an
+    error that says what to do; with the scaled embedding, the explained logit is the model's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MarianConfig(vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1,
+                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                       decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0,
+                                       decoder_start_token_id=0, scale_embedding=True)
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(config).eval()
+    lrp_model = lrpx.convert(model)
+    src, out = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[0, 9, 10]])
+    with pytest.raises(ValueError, match="MarianMTModel computes other logits from inputs_embeds than from "
+                                         "input_ids .*lrpx.text.ScaledEmbedding"):
+        lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out)
+    encoder = lrp_model.get_encoder()
+    scaled = lrpx.text.ScaledEmbedding(encoder.embed_tokens, encoder.embed_scale)
+    result = lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out, embedding=scaled)
+    with torch.no_grad():
+        logits = model(input_ids=src, decoder_input_ids=out).logits
+    torch.testing.assert_close(result.score[0], logits[0, -1].max(), rtol=1e-6, atol=0)
+    assert torch.isfinite(result.relevance).all() and result.relevance.abs().sum() > 0
