@@ -222,12 +222,31 @@ def check_embedding_path(model: nn.Module, ids: Tensor, mask: Tensor | None, emb
     ``input_ids=ids``: a model that changes the embeddings of ``input_ids`` in its forward (Marian
     and Pegasus scale them there) would be explained for another forward than its own. Checked on
     the first ``tokens`` real tokens of the first sequence (and of its decoder input), without
-    gradients; not for a model whose forward takes no ``input_ids``."""
+    gradients; not for a model whose forward takes no ``input_ids``. Where a sequence of ``mask``
+    ends in padding, checked once more with a padding token after them: transformers' decoder
+    classifiers pool the last token that is not padding, which they find from ``input_ids`` only."""
     real = ids[0] if mask is None else ids[0][mask[0] == 1]
     if real.numel() == 0 or not _takes(model, "input_ids"):
         return
-    by_ids: dict[str, Any] = {"input_ids": real[None, :tokens]}
-    by_embeds: dict[str, Any] = {"inputs_embeds": embedding(real[None, :tokens])}
+    _compare_paths(model, real[None, :tokens], None, embedding, decoder, tokens, "")
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if mask is not None and bool((mask[:, 1:] < mask[:, :-1]).any()) and isinstance(pad, int) and \
+            0 <= pad < embedding.num_embeddings:  # padding at the end of a sequence
+        padded = torch.cat([real[None, :tokens], real.new_full((1, 1), pad)], 1)
+        ends = torch.ones_like(padded)
+        ends[0, -1] = 0
+        _compare_paths(model, padded, ends, embedding, decoder, tokens,
+                       " with padding at the end (it finds the last token that is not padding from input_ids only, "
+                       "as transformers' decoder classifiers pool it): pad on the left (tokenizer.padding_side = "
+                       "'left') instead")
+
+
+def _compare_paths(model: nn.Module, ids: Tensor, mask: Tensor | None, embedding: nn.Module,
+                   decoder: tuple | None, tokens: int, reason: str) -> None:
+    by_ids: dict[str, Any] = {"input_ids": ids}
+    by_embeds: dict[str, Any] = {"inputs_embeds": embedding(ids)}
+    if mask is not None:
+        by_ids["attention_mask"] = by_embeds["attention_mask"] = mask
     if decoder is not None:
         dec_ids, dec_mask, dec_embedding = decoder
         dec_real = dec_ids[0] if dec_mask is None else dec_ids[0][dec_mask[0] == 1]
@@ -243,6 +262,9 @@ def check_embedding_path(model: nn.Module, ids: Tensor, mask: Tensor | None, emb
     scale = float(expected.abs().max())
     gap = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     if not gap <= tolerance * scale:
+        if reason:
+            raise ValueError(f"{type(model).__name__} computes other logits from inputs_embeds than from input_ids"
+                             f"{reason} (largest difference {gap:.3g}, largest logit {scale:.3g})")
         raise ValueError(
             f"{type(model).__name__} computes other logits from inputs_embeds than from input_ids (largest difference "
             f"{gap:.3g}, largest logit {scale:.3g}): its forward changes what the embedding of input_ids gives (a scale "

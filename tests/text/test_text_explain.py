@@ -407,3 +407,32 @@ def test_a_model_that_scales_the_embeddings_of_ids_itself_is_caught():
         logits = model(input_ids=src, decoder_input_ids=out).logits
     torch.testing.assert_close(result.score[0], logits[0, -1].max(), rtol=1e-6, atol=0)
     assert torch.isfinite(result.relevance).all() and result.relevance.abs().sum() > 0
+
+
+def test_a_classifier_that_pools_by_input_ids_refuses_padding_at_the_end():
+    """transformers' decoder classifiers pool the last token that is not padding, which they
+    find from input_ids only; given embeddings they pool the last position. With padding at the
+    end that would explain another logit: an error that says to pad on the left. Left-padded,
+    the explained logits are the model's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    lrp_model = lrpx.convert(model)
+    right = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    with pytest.raises(ValueError, match="padding at the end .* pad on the left"):
+        lrpx.explain_tokens(lrp_model, right, attention_mask=(right != 0).long())
+    left = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    result = lrpx.explain_tokens(lrp_model, left, attention_mask=(left != 0).long())
+    with torch.no_grad():
+        logits = model(input_ids=left, attention_mask=(left != 0).long()).logits
+    torch.testing.assert_close(result.logits, logits, rtol=1e-5, atol=1e-7)
+    # an encoder classifier pools its first token: padding at the end is fine
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, num_labels=3)).eval()
+    result = lrpx.explain_tokens(lrpx.convert(bert), right, attention_mask=(right != 0).long())
+    with torch.no_grad():
+        logits = bert(input_ids=right, attention_mask=(right != 0).long()).logits
+    torch.testing.assert_close(result.logits, logits, rtol=1e-5, atol=1e-7)
