@@ -182,6 +182,9 @@ class ModelGraph:
     oplevel: dict[str, str] = field(default_factory=dict)
     #: the call nodes of each module in its callers' graphs
     sites: dict[str, list[fx.Node]] = field(default_factory=dict)
+    #: the checks of :func:`lrpx.text.check_embedding_path` that the converted model passed with
+    #: its own input embedding (a property of the model, not of the ids: run once)
+    verified: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, model: nn.Module, *, trace: bool = True, whole: tuple[type[nn.Module], ...] = (),

@@ -224,14 +224,23 @@ def check_embedding_path(model: nn.Module, ids: Tensor, mask: Tensor | None, emb
     the first ``tokens`` real tokens of the first sequence (and of its decoder input), without
     gradients; not for a model whose forward takes no ``input_ids``. Where a sequence of ``mask``
     ends in padding, checked once more with a padding token after them: transformers' decoder
-    classifiers pool the last token that is not padding, which they find from ``input_ids`` only."""
+    classifiers pool the last token that is not padding, which they find from ``input_ids`` only.
+    A converted model given its own input embedding runs each check once."""
     real = ids[0] if mask is None else ids[0][mask[0] == 1]
     if real.numel() == 0 or not _takes(model, "input_ids"):
         return
-    _compare_paths(model, real[None, :tokens], None, embedding, decoder, tokens, "")
+    # a converted model with its own embedding remembers the checks it passed (lrpx.graph.ModelGraph)
+    getter = getattr(model, "get_input_embeddings", None)
+    own = getter is not None and embedding is getter()
+    memo = getattr(getattr(model, "lrpx_graph", None), "verified", None) if own else None
+    memo = set() if memo is None else memo
+    which = "decoder" if decoder is not None else "alone"
+    if which not in memo:
+        _compare_paths(model, real[None, :tokens], None, embedding, decoder, tokens, "")
+        memo.add(which)
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     if mask is not None and bool((mask[:, 1:] < mask[:, :-1]).any()) and isinstance(pad, int) and \
-            0 <= pad < embedding.num_embeddings:  # padding at the end of a sequence
+            0 <= pad < embedding.num_embeddings and f"{which}, padded" not in memo:  # padding at the end
         padded = torch.cat([real[None, :tokens], real.new_full((1, 1), pad)], 1)
         ends = torch.ones_like(padded)
         ends[0, -1] = 0
@@ -239,6 +248,7 @@ def check_embedding_path(model: nn.Module, ids: Tensor, mask: Tensor | None, emb
                        " with padding at the end (it finds the last token that is not padding from input_ids only, "
                        "as transformers' decoder classifiers pool it): pad on the left (tokenizer.padding_side = "
                        "'left') instead")
+        memo.add(f"{which}, padded")
 
 
 def _compare_paths(model: nn.Module, ids: Tensor, mask: Tensor | None, embedding: nn.Module,

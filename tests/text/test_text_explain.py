@@ -428,6 +428,7 @@ def test_a_classifier_that_pools_by_input_ids_refuses_padding_at_the_end():
     with torch.no_grad():
         logits = model(input_ids=left, attention_mask=(left != 0).long()).logits
     torch.testing.assert_close(result.logits, logits, rtol=1e-5, atol=1e-7)
+    assert lrp_model.lrpx_graph.verified == {"alone"}  # passed once, not checked again; the padded one failed
     # an encoder classifier pools its first token: padding at the end is fine
     bert = transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
