@@ -147,6 +147,8 @@ def _rules_at_run_time(model: nn.Module, graph: ModelGraph, composite: Composite
         if cls not in _OPLEVEL_CLASSES:
             @functools.wraps(cls.forward)  # its signature too: callers read it (position_ids, generate)
             def forward(self, *args, _forward=cls.forward, **kwargs):
+                if not torch.is_grad_enabled():  # no rule applies: the operations run as they are
+                    return _forward(self, *args, **kwargs)
                 with OpRules(self.lrpx_rules, type(self).__qualname__):
                     return _forward(self, *args, **kwargs)
             _OPLEVEL_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
