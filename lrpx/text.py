@@ -125,8 +125,9 @@ def explain_tokens(
         (every sequence), or ``(B,)`` ints; ``None`` takes each sequence's top logit.
     position
         Position (of ``T``) whose next-token logits are explained, an int or ``(B,)`` ints;
-        negative counts from the end (``-1``, the default, predicts the token after the input;
-        with left padding it is the last real token). Not used for ``(B, C)`` logits.
+        negative counts from the end (``-1``, the default, predicts the token after the input);
+        with ``attention_mask``, from each sequence's last real token, wherever its padding is.
+        Not used for ``(B, C)`` logits.
     attention_mask
         ``(B, T)`` 1 for real tokens, 0 for padding; passed to the model (with the positions
         of :func:`padded_positions` when there is padding). Padded tokens get exactly zero relevance.
@@ -192,7 +193,7 @@ def explain_tokens(
         if not logits.requires_grad:
             raise ValueError("the model's logits do not depend on inputs_embeds; its forward must use the "
                              "inputs_embeds= it is given (and not run under torch.no_grad)")
-        rows, positions = _rows(logits, position, explained.shape)
+        rows, positions = _rows(logits, position, explained.shape, dec_mask if decoder is not None else mask)
         classes = check_targets(target, rows, "classes" if positions is None else "token ids")
         r_out = torch.zeros_like(logits)
         batch = torch.arange(ids.shape[0], device=logits.device)
@@ -501,8 +502,9 @@ def _check_vocabulary(ids: Tensor, embedding: nn.Module) -> None:
         raise ValueError(f"token id {first} is outside the vocabulary of {vocabulary} ids (valid: 0..{vocabulary - 1})")
 
 
-def _rows(logits: Tensor, position, shape: torch.Size) -> tuple[Tensor, Tensor | None]:
-    """The ``(B, V)`` logits explained and the ``(B,)`` positions (None for a classifier)."""
+def _rows(logits: Tensor, position, shape: torch.Size, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The ``(B, V)`` logits explained and the ``(B,)`` positions (None for a classifier); a
+    negative position counts from each sequence's last real token under ``mask``."""
     batch, length = shape
     if logits.shape[0] != batch:
         raise ValueError(f"the model returned logits for {logits.shape[0]} sequences, not {batch}")
@@ -511,6 +513,14 @@ def _rows(logits: Tensor, position, shape: torch.Size) -> tuple[Tensor, Tensor |
     if logits.shape[1] != length:
         raise ValueError(f"the model returned logits at {logits.shape[1]} positions for {length} tokens")
     p = check_positions(position, batch, length, logits.device)
+    if mask is not None:  # padding at the end: -1 is the last real token, as with padding at the start
+        given = _per_sequence(position, batch, "position", logits.device)
+        columns = torch.arange(length, device=logits.device)
+        ends = torch.where(mask.to(logits.device) == 1, columns, -1).amax(1) + 1
+        p = torch.where(given < 0, given + ends, p)
+        if bool((p < 0).any()):
+            b = int((p < 0).nonzero()[0, 0])
+            raise ValueError(f"position {int(given[b])} is beyond the {int(ends[b])} real tokens of sequence {b}")
     return logits.detach()[torch.arange(batch, device=logits.device), p], p
 
 

@@ -437,3 +437,19 @@ def test_a_classifier_that_pools_by_input_ids_refuses_padding_at_the_end():
     with torch.no_grad():
         logits = bert(input_ids=right, attention_mask=(right != 0).long()).logits
     torch.testing.assert_close(result.logits, logits, rtol=1e-5, atol=1e-7)
+
+
+def test_position_minus_one_is_the_last_real_token_wherever_the_padding_is(bag):
+    """With padding at the end, -1 (and -2) count from each sequence's last real token: the
+    relevance is that of the sequence alone, by the closed form of the bag model."""
+    model, lrp_model = bag
+    ids = torch.tensor([[3, 1, 4, 0, 0], [9, 2, 6, 5, 3]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    result = lrpx.explain_tokens(lrp_model, ids, [7, 2], position=[-1, -2], attention_mask=mask)
+    assert result.position.tolist() == [2, 3]
+    expected = bag_reference(model, ids, mask.numpy(), [7, 2], [2, 3])
+    np.testing.assert_allclose(result.relevance.numpy(), expected, rtol=1e-4, atol=1e-9)
+    alone = lrpx.explain_tokens(lrp_model, ids[:1, :3], 7)
+    np.testing.assert_allclose(result.relevance[0, :3].numpy(), alone.relevance[0].numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match="position -4 is beyond the 3 real tokens of sequence 0"):
+        lrpx.explain_tokens(lrp_model, ids, position=-4, attention_mask=mask)
