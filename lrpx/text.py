@@ -512,27 +512,29 @@ def _rows(logits: Tensor, position, shape: torch.Size, mask: Tensor | None = Non
         return logits.detach(), None
     if logits.shape[1] != length:
         raise ValueError(f"the model returned logits at {logits.shape[1]} positions for {length} tokens")
-    p = check_positions(position, batch, length, logits.device)
-    if mask is not None:  # padding at the end: -1 is the last real token, as with padding at the start
-        given = _per_sequence(position, batch, "position", logits.device)
-        columns = torch.arange(length, device=logits.device)
-        ends = torch.where(mask.to(logits.device) == 1, columns, -1).amax(1) + 1
-        p = torch.where(given < 0, given + ends, p)
-        if bool((p < 0).any()):
-            b = int((p < 0).nonzero()[0, 0])
-            raise ValueError(f"position {int(given[b])} is beyond the {int(ends[b])} real tokens of sequence {b}")
+    p = check_positions(position, batch, length, logits.device, mask)
     return logits.detach()[torch.arange(batch, device=logits.device), p], p
 
 
-def check_positions(position, batch: int, length: int, device) -> Tensor:
-    """``position`` (an int, or one per sequence; negative counts from the end) as ``(batch,)``
-    indices into sequences of ``length``, or the error that names what is wrong."""
-    p = _per_sequence(position, batch, "position", device)
-    outside = (p < -length) | (p >= length)
+def check_positions(position, batch: int, length: int, device, mask: Tensor | None = None) -> Tensor:
+    """``position`` (an int, or one per sequence; negative counts from the end, or with the
+    attention ``mask`` from each sequence's last real token) as ``(batch,)`` indices into
+    sequences of ``length``, or the error that names what is wrong."""
+    given = _per_sequence(position, batch, "position", device)
+    outside = (given < -length) | (given >= length)
     if bool(outside.any()):
-        raise ValueError(f"position {int(p[outside][0])} is beyond the sequence of {length} "
+        raise ValueError(f"position {int(given[outside][0])} is beyond the sequence of {length} "
                          f"tokens (valid: 0..{length - 1}, or -{length}..-1)")
-    return torch.where(p < 0, p + length, p)
+    if mask is None:
+        return torch.where(given < 0, given + length, given)
+    # padding at the end: -1 is the last real token, as with padding at the start
+    columns = torch.arange(length, device=device)
+    ends = torch.where(mask.to(device) == 1, columns, -1).amax(1) + 1
+    p = torch.where(given < 0, given + ends, given)
+    if bool((p < 0).any()):
+        b = int((p < 0).nonzero()[0, 0])
+        raise ValueError(f"position {int(given[b])} is beyond the {int(ends[b])} real tokens of sequence {b}")
+    return p
 
 
 def check_targets(target, rows: Tensor, what: str) -> Tensor:

@@ -150,7 +150,8 @@ def token_flipping(
     attention_mask
         ``(B, T)`` 1 for real tokens, 0 for padding (never removed).
     position
-        Explained position of a causal LM, an int or ``(B,)``, negative from the end.
+        Explained position of a causal LM, an int or ``(B,)``, negative from each sequence's last real
+        token (as in :func:`lrpx.explain_tokens`).
     seed
         Seed of the random order.
     batch_size
@@ -171,7 +172,7 @@ def token_flipping(
     warn_if_training(model)
     with torch.inference_mode():
         clean = _forward(model, ids, mask)
-        positions = _positions(clean, position, ids.shape)
+        positions = _positions(clean, position, ids.shape, mask)
         what = "classes" if positions is None else "token ids"
         targets = check_targets(target, _at(clean, positions), what)
         removable = (mask == 1) if positions is None else (mask == 1) & (
@@ -298,8 +299,8 @@ def _check_relevance(relevance, ids: Tensor) -> Tensor:
     return relevance.to(ids.device)
 
 
-def _positions(logits: Tensor, position, shape) -> Tensor | None:
-    return None if logits.dim() == 2 else check_positions(position, *shape, logits.device)
+def _positions(logits: Tensor, position, shape, mask: Tensor | None) -> Tensor | None:
+    return None if logits.dim() == 2 else check_positions(position, *shape, logits.device, mask)
 
 
 def number_of_token_calls(batch: int, orders: int, steps: int, batch_size: int) -> int:

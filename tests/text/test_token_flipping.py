@@ -166,3 +166,17 @@ def test_deleting_from_gpt2_matches_unpadded_loop():
     expected = loop_reference(model, ids.tolist(), mask.tolist(), relevance.tolist(), [1, 2], [5, 5], "morf",
                               "delete", 3)
     np.testing.assert_allclose(result.curve().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_at_the_end_flips_as_the_sequence_alone():
+    """Position -1 of a sequence padded at its end is its last real token (as in
+    explain_tokens): its curves equal those of the sequence alone."""
+    torch.manual_seed(3)
+    model = ToyLM().double().eval()
+    model.config = SimpleNamespace(mask_token_id=1, pad_token_id=0, unk_token_id=None)
+    ids = torch.tensor([[3, 5, 7, 0, 0], [2, 2, 9, 4, 6]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    relevance = torch.tensor([[0.5, -1.0, 2.0, 0.0, 0.0], [1.0, 0.2, -0.3, 0.7, 0.1]], dtype=torch.float64)
+    result = lrpx.eval.token_flipping(model, ids, relevance, 4, attention_mask=mask, replace="mask", steps=3)
+    alone = lrpx.eval.token_flipping(model, ids[:1, :3], relevance[:1, :3], 4, replace="mask", steps=3)
+    np.testing.assert_allclose(result.curve("morf")[0].numpy(), alone.curve("morf")[0].numpy(), rtol=1e-12)
