@@ -453,3 +453,19 @@ def test_position_minus_one_is_the_last_real_token_wherever_the_padding_is(bag):
     np.testing.assert_allclose(result.relevance[0, :3].numpy(), alone.relevance[0].numpy(), rtol=1e-12)
     with pytest.raises(ValueError, match="position -4 is beyond the 3 real tokens of sequence 0"):
         lrpx.explain_tokens(lrp_model, ids, position=-4, attention_mask=mask)
+
+
+def test_explain_generated_of_a_vision_language_model():
+    """A token that generate wrote for a prompt with an image: the top logit of its prefix, as
+    the original model computes it, with relevance for the prefix and the pixels."""
+    model, inputs = _vlm("paligemma")
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    sequences = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=2, min_new_tokens=2,
+                               do_sample=False)
+    at = ids.shape[1] + 1
+    result = lrpx.explain_generated(lrpx.convert(model), sequences, at, pixel_values=pixels)
+    assert torch.equal(result.target, sequences[:, at])
+    with torch.no_grad():
+        logits = model(input_ids=sequences[:, :at], pixel_values=pixels).logits[:, -1]
+    torch.testing.assert_close(result.score, logits.max(-1).values, rtol=1e-10, atol=0)
+    assert result.relevance.shape == (1, at) and result.pixel_relevance.abs().sum() > 0
