@@ -182,8 +182,8 @@ class ModelGraph:
     oplevel: dict[str, str] = field(default_factory=dict)
     #: the call nodes of each module in its callers' graphs
     sites: dict[str, list[fx.Node]] = field(default_factory=dict)
-    #: the checks of :func:`lrpx.text.check_embedding_path` that the converted model passed with
-    #: its own input embedding (a property of the model, not of the ids: run once)
+    #: the kinds of batch for which :func:`lrpx.text.check_same_forward` found the converted model,
+    #: with its own input embedding, to compute the same logits from embeddings as from ids
     verified: set[str] = field(default_factory=set)
 
     @classmethod

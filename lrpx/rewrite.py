@@ -271,8 +271,8 @@ def tags(graph: fx.Graph, sizes: frozenset | set = frozenset()) -> dict[fx.Node,
             found = {found_tags[n] for n in node.all_input_nodes}
             kinds = ("input",) if node.op == "call_module" else ("input", "meta")  # a module gives tensors
             found_tags[node] = next((k for k in kinds if k in found), "constant")
-            if found_tags[node] == "meta" and node.op == "call_method" and \
-                    found_tags.get(node.args[0]) == "constant":  # a constant tensor shaped by sizes
+            if found_tags[node] == "meta" and node.op in ("call_method", "call_function") and node.args and \
+                    found_tags.get(node.args[0]) == "constant":  # a constant tensor shaped or sliced by sizes
                 found_tags[node] = "constant"
     return found_tags
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .explain import _check_finite
 
 __all__ = ["explain_tokens", "explain_generated", "TokenExplanation", "model_logits", "input_embedding",
-           "padded_positions", "ScaledEmbedding", "check_embedding_path"]
+           "padded_positions", "ScaledEmbedding", "check_same_forward"]
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,6 @@ def explain_tokens(
     extra = _check_inputs(inputs, pixel_values)
     ids = ids.to(_device(embedding, ids.device))  # the ids go where the embedding is
     mask = None if mask is None else mask.to(ids.device)
-    if pixel_values is None and not extra:
-        check_embedding_path(lrp_model, ids, mask, embedding, decoder)
     with torch.enable_grad():
         embeds = embedding(ids).detach().requires_grad_(True)
         kwargs: dict[str, Any] = {"inputs_embeds": embeds}
@@ -193,6 +191,10 @@ def explain_tokens(
         if not logits.requires_grad:
             raise ValueError("the model's logits do not depend on inputs_embeds; its forward must use the "
                              "inputs_embeds= it is given (and not run under torch.no_grad)")
+        getter = getattr(lrp_model, "get_input_embeddings", None)
+        check_same_forward(lrp_model, logits, ids, mask, None if decoder is None else (dec_ids, dec_mask),
+                           {**extra, **({} if pixel_values is None else {"pixel_values": pixels.detach()})},
+                           own_embedding=getter is not None and embedding is getter())
         rows, positions = _rows(logits, position, explained.shape, dec_mask if decoder is not None else mask)
         classes = check_targets(target, rows, "classes" if positions is None else "token ids")
         r_out = torch.zeros_like(logits)
@@ -217,71 +219,78 @@ def _device(embedding: nn.Module, default: torch.device) -> torch.device:
     return weight.device if isinstance(weight, Tensor) else default
 
 
-def check_embedding_path(model: nn.Module, ids: Tensor, mask: Tensor | None, embedding: nn.Module,
-                         decoder: tuple | None = None, tokens: int = 8) -> None:
-    """Raise if ``model`` computes other logits from ``inputs_embeds=embedding(ids)`` than from
-    ``input_ids=ids``: a model that changes the embeddings of ``input_ids`` in its forward (Marian
-    and Pegasus scale them there) would be explained for another forward than its own. Checked on
-    the first ``tokens`` real tokens of the first sequence (and of its decoder input), without
-    gradients; not for a model whose forward takes no ``input_ids``. Where a sequence of ``mask``
-    ends in padding, checked once more with a padding token after them: transformers' decoder
-    classifiers pool the last token that is not padding, which they find from ``input_ids`` only.
-    A converted model given its own input embedding runs each check once."""
-    real = ids[0] if mask is None else ids[0][mask[0] == 1]
-    if real.numel() == 0 or not _takes(model, "input_ids"):
+def check_same_forward(model: nn.Module, logits: Tensor, ids: Tensor, mask: Tensor | None,
+                       decoder: tuple[Tensor, Tensor | None] | None = None, inputs: Mapping[str, Any] | None = None,
+                       own_embedding: bool = True) -> None:
+    """Raise if ``logits`` (of the forward on the embeddings, as explained) are not what ``model``
+    computes from ``input_ids=ids`` with the same mask, positions (:func:`padded_positions`) and
+    inputs: a model that scales the
+    embeddings of ``input_ids`` only (Marian, Pegasus), pools the last token it finds from
+    ``input_ids`` (transformers' decoder classifiers, padding at the end) would be explained for
+    another forward than its own. Compared at the real tokens, without gradients, in one forward; a converted
+    model with its own embedding runs it once per kind of batch (padding at the start, at the
+    end, a padding id among the real tokens, a decoder). Not for a model in training mode or
+    whose forward takes no ``input_ids`` by name."""
+    if getattr(model, "training", False) or not _named(model, "input_ids"):
         return
-    # a converted model with its own embedding remembers the checks it passed (lrpx.graph.ModelGraph)
-    getter = getattr(model, "get_input_embeddings", None)
-    own = getter is not None and embedding is getter()
-    memo = getattr(getattr(model, "lrpx_graph", None), "verified", None) if own else None
-    memo = set() if memo is None else memo
-    which = "decoder" if decoder is not None else "alone"
-    if which not in memo:
-        _compare_paths(model, real[None, :tokens], None, embedding, decoder, tokens, "")
-        memo.add(which)
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    if mask is not None and bool((mask[:, 1:] < mask[:, :-1]).any()) and isinstance(pad, int) and \
-            0 <= pad < embedding.num_embeddings and f"{which}, padded" not in memo:  # padding at the end
-        padded = torch.cat([real[None, :tokens], real.new_full((1, 1), pad)], 1)
-        ends = torch.ones_like(padded)
-        ends[0, -1] = 0
-        _compare_paths(model, padded, ends, embedding, decoder, tokens,
-                       " with padding at the end (it finds the last token that is not padding from input_ids only, "
-                       "as transformers' decoder classifiers pool it): pad on the left (tokenizer.padding_side = "
-                       "'left') instead")
-        memo.add(f"{which}, padded")
-
-
-def _compare_paths(model: nn.Module, ids: Tensor, mask: Tensor | None, embedding: nn.Module,
-                   decoder: tuple | None, tokens: int, reason: str) -> None:
-    by_ids: dict[str, Any] = {"input_ids": ids}
-    by_embeds: dict[str, Any] = {"inputs_embeds": embedding(ids)}
+    key = _layout(model, ids, mask, decoder)
+    memo = getattr(getattr(model, "lrpx_graph", None), "verified", None) if own_embedding else None
+    if memo is not None and key in memo:
+        return
+    kwargs: dict[str, Any] = {"input_ids": ids}
     if mask is not None:
-        by_ids["attention_mask"] = by_embeds["attention_mask"] = mask
+        kwargs.update(attention_mask=mask, **padded_positions(model, mask))
+    kwargs.update(inputs or {})
+    real = mask
     if decoder is not None:
-        dec_ids, dec_mask, dec_embedding = decoder
-        dec_real = dec_ids[0] if dec_mask is None else dec_ids[0][dec_mask[0] == 1]
-        dec_real = dec_real[None, :tokens].to(_device(dec_embedding, ids.device))
-        by_ids["decoder_input_ids"] = dec_real
-        by_embeds["decoder_inputs_embeds"] = dec_embedding(dec_real)
+        kwargs["decoder_input_ids"], real = decoder
+        if real is not None:
+            kwargs["decoder_attention_mask"] = real
     with torch.no_grad():
-        expected = model_logits(model(**by_ids))
-        got = model_logits(model(**by_embeds))
-    # the same operations either way: equal up to a few roundings of the logits' dtype
-    tolerance = 16 * torch.finfo(expected.dtype).eps if expected.is_floating_point() else 0.0
-    expected, got = expected.double(), got.double()
-    scale = float(expected.abs().max())
-    gap = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+        expected = model_logits(model(**kwargs)).detach()
+    got = logits.detach()
+    if got.shape != expected.shape:
+        gap, scale = float("inf"), 0.0
+    else:
+        where = torch.ones(got.shape[:-1], dtype=torch.bool, device=got.device) if got.dim() == 2 or real is None \
+            else real.to(got.device) == 1
+        a, b = got[where].double(), expected[where].double()
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        difference = torch.where(finite, (a - b).abs(), torch.where(a == b, 0.0, float("inf")))
+        gap = float(difference.max()) if difference.numel() else 0.0
+        scale = float(b[finite].abs().max()) if bool(finite.any()) else 0.0
+    tolerance = max(1e-4, 16 * torch.finfo(got.dtype).eps) if got.is_floating_point() else 0.0
     if not gap <= tolerance * scale:
-        if reason:
-            raise ValueError(f"{type(model).__name__} computes other logits from inputs_embeds than from input_ids"
-                             f"{reason} (largest difference {gap:.3g}, largest logit {scale:.3g})")
         raise ValueError(
-            f"{type(model).__name__} computes other logits from inputs_embeds than from input_ids (largest difference "
-            f"{gap:.3g}, largest logit {scale:.3g}): its forward changes what the embedding of input_ids gives (a scale "
-            "applied only to input_ids, as Marian's and Pegasus's encoders do), and the relevance is read at the "
-            "embeddings it is given; pass embedding= a module that computes what the model does with input_ids "
-            "(lrpx.text.ScaledEmbedding(encoder.embed_tokens, encoder.embed_scale) for such an encoder)")
+            f"{type(model).__name__} computes other logits from the embeddings than from input_ids for this batch "
+            f"(largest difference {gap:.3g} at the real tokens, largest logit {scale:.3g}); the relevance would "
+            f"explain another forward than the model's. {_causes(key)}")
+    if memo is not None:
+        memo.add(key)
+
+
+def _layout(model: nn.Module, ids: Tensor, mask: Tensor | None, decoder) -> str:
+    """The kind of batch that the forward's agreement depends on."""
+    parts = ["decoder" if decoder is not None else "alone"]
+    if mask is not None:
+        m = mask.long()
+        if bool((m[:, 1:] > m[:, :-1]).any()):
+            parts.append("padding at the start")
+        if bool((m[:, 1:] < m[:, :-1]).any()):
+            parts.append("padding at the end")
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(pad, int) and bool(((ids == pad) & (mask == 1 if mask is not None else True)).any()):
+        parts.append("padding id among the real tokens")
+    return ", ".join(parts)
+
+
+def _causes(layout: str) -> str:
+    causes = ["A model that scales the embeddings of input_ids in its forward (Marian's and Pegasus's encoders) "
+              "needs embedding=lrpx.text.ScaledEmbedding(encoder.embed_tokens, encoder.embed_scale)."]
+    if "padding at the end" in layout or "padding id among" in layout:
+        causes.append("A classifier that pools the last token that is not padding finds it from input_ids only: "
+                      "pad on the left, and do not use the padding id for a real token.")
+    return " ".join(causes)
 
 
 def _masked(relevance: Tensor | None, embeds: Tensor, mask: Tensor | None) -> Tensor:
@@ -410,12 +419,14 @@ def explain_generated(
 
 def padded_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tensor]:
     """``{"position_ids": ...}`` that count the real tokens only, as ``generate`` does, when the mask
-    has padding and ``model.forward`` takes ``position_ids``; else ``{}``.
+    has padding before a real token and ``model.forward`` takes ``position_ids``; else ``{}``.
 
     Some models (GPT-2) number the positions from 0 at the first column whatever the mask says, so
-    a left-padded sequence would see its tokens at other positions than unpadded.
+    a left-padded sequence would see its tokens at other positions than unpadded. Padding after
+    the real tokens moves none of them: the model numbers them as it does.
     """
-    if bool((attention_mask == 1).all()):
+    m = attention_mask.long()
+    if not bool((m[:, 1:] > m[:, :-1]).any()):
         return {}
     try:
         parameters = inspect.signature(model.forward).parameters
@@ -426,13 +437,12 @@ def padded_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tens
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
 
 
-def _takes(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes the keyword ``name`` (by name, or through ``**kwargs``)."""
+def _named(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name`` by that name."""
     try:
-        parameters = inspect.signature(model.forward).parameters
+        return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:
@@ -530,6 +540,7 @@ def check_positions(position, batch: int, length: int, device, mask: Tensor | No
     # padding at the end: -1 is the last real token, as with padding at the start
     columns = torch.arange(length, device=device)
     ends = torch.where(mask.to(device) == 1, columns, -1).amax(1) + 1
+    ends = torch.where(ends > 0, ends, length)  # a sequence without real tokens: from the end
     p = torch.where(given < 0, given + ends, given)
     if bool((p < 0).any()):
         b = int((p < 0).nonzero()[0, 0])

@@ -459,3 +459,6 @@ def test_a_module_that_returns_a_parameter_for_an_activation_is_refused():
 
     with pytest.raises(lrpx.UnsupportedModuleError, match="'gain'"):
         lrpx.convert(Net())
+    Gain.forward = lambda self, x: self.g[: x.shape[-1]]  # sliced by a size read off the activation
+    with pytest.raises(lrpx.UnsupportedModuleError, match="'gain'"):
+        lrpx.convert(Net())

@@ -397,7 +397,7 @@ def test_a_model_that_scales_the_embeddings_of_ids_itself_is_caught():
     model = transformers.MarianMTModel(config).eval()
     lrp_model = lrpx.convert(model)
     src, out = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[0, 9, 10]])
-    with pytest.raises(ValueError, match="MarianMTModel computes other logits from inputs_embeds than from "
+    with pytest.raises(ValueError, match="MarianMTModel computes other logits from the embeddings than from "
                                          "input_ids .*lrpx.text.ScaledEmbedding"):
         lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out)
     encoder = lrp_model.get_encoder()
@@ -421,14 +421,14 @@ def test_a_classifier_that_pools_by_input_ids_refuses_padding_at_the_end():
     model = transformers.LlamaForSequenceClassification(config).eval()
     lrp_model = lrpx.convert(model)
     right = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
-    with pytest.raises(ValueError, match="padding at the end .* pad on the left"):
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification computes other logits .* pad on the left"):
         lrpx.explain_tokens(lrp_model, right, attention_mask=(right != 0).long())
     left = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
     result = lrpx.explain_tokens(lrp_model, left, attention_mask=(left != 0).long())
     with torch.no_grad():
         logits = model(input_ids=left, attention_mask=(left != 0).long()).logits
     torch.testing.assert_close(result.logits, logits, rtol=1e-5, atol=1e-7)
-    assert lrp_model.lrpx_graph.verified == {"alone"}  # passed once, not checked again; the padded one failed
+    assert lrp_model.lrpx_graph.verified == {"alone, padding at the start"}  # once per kind of batch
     # an encoder classifier pools its first token: padding at the end is fine
     bert = transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -469,3 +469,46 @@ def test_explain_generated_of_a_vision_language_model():
         logits = model(input_ids=sequences[:, :at], pixel_values=pixels).logits[:, -1]
     torch.testing.assert_close(result.score, logits.max(-1).values, rtol=1e-10, atol=0)
     assert result.relevance.shape == (1, at) and result.pixel_relevance.abs().sum() > 0
+
+
+def test_the_check_sees_the_whole_batch_and_stays_out_of_the_way():
+    """Padding at the end of any sequence (here not the first, which is all padding) is caught
+    for a classifier that pools by input_ids; RoBERTa, which numbers positions from input_ids,
+    is explained for its own logits with padding at the end; a model in training mode or one
+    whose forward takes no input_ids is not checked; a sequence without real tokens is no error."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, num_labels=3)).eval()
+    ids = torch.tensor([[0, 0, 0, 0], [5, 6, 7, 0]])
+    with pytest.raises(ValueError, match="pad on the left"):
+        lrpx.explain_tokens(lrpx.convert(llama), ids, attention_mask=(ids != 0).long())
+    roberta = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, num_labels=3, pad_token_id=1)).eval()
+    right = torch.tensor([[0, 5, 6, 2, 1, 1], [0, 7, 8, 9, 10, 2]])
+    mask = (right != 1).long()
+    result = lrpx.explain_tokens(lrpx.convert(roberta), right, attention_mask=mask)
+    with torch.no_grad():
+        torch.testing.assert_close(result.logits, roberta(input_ids=right, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-7)
+    gpt2 = tiny_gpt2(3)
+    gpt2.train()  # dropout: two forwards differ; not checked (the plain gradient of a training model)
+    assert torch.isfinite(lrpx.explain_tokens(gpt2, torch.tensor([[1, 2, 3]])).relevance).all()
+    empty = lrpx.explain_tokens(tiny_gpt2(3), torch.tensor([[0, 0, 0], [4, 5, 6]]),
+                                attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]))
+    assert empty.position.tolist() == [2, 2] and (empty.relevance[0] == 0).all()
+
+    class EmbedsOnly(nn.Module):  # takes **kwargs, but no input_ids
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(9, 4), nn.Linear(4, 3)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, inputs_embeds, attention_mask=None, **kwargs):
+            return self.head(inputs_embeds.sum(1))
+
+    assert lrpx.explain_tokens(EmbedsOnly(), torch.tensor([[1, 2]])).relevance.shape == (1, 2)
