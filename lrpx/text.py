@@ -105,6 +105,7 @@ def explain_tokens(
     decoder_attention_mask: Tensor | None = None,
     pixel_values: Tensor | None = None,
     inputs: Mapping[str, Any] | None = None,
+    decoder_embedding: nn.Module | None = None,
 ) -> TokenExplanation:
     """Relevance of each input token for one logit of a language model.
 
@@ -134,8 +135,7 @@ def explain_tokens(
     embedding
         The input embedding (an ``nn.Embedding``) to use instead of
         ``lrp_model.get_input_embeddings()``, e.g. the original model's, or a
-        :class:`ScaledEmbedding`. An encoder-decoder's decoder always takes
-        ``lrp_model.get_decoder().get_input_embeddings()``.
+        :class:`ScaledEmbedding`. An encoder-decoder's decoder takes ``decoder_embedding``.
     decoder_input_ids
         Encoder-decoder models (T5, BART): ``(B, S)`` the decoder's input, the output so far
         (starting with the decoder's start token, as ``generate`` returns it); ``position``
@@ -152,6 +152,9 @@ def explain_tokens(
         Other keyword arguments of the model's forward, passed as they are (e.g.
         ``image_grid_thw``; ``position_ids`` where the model computes them from ``input_ids``,
         which it is not given: Qwen2-VL's ``model.model.get_rope_index(...)``).
+    decoder_embedding
+        The decoder's input embedding instead of ``lrp_model.get_decoder().get_input_embeddings()``
+        (MVP's decoder scales the lookup of ids itself: a :class:`ScaledEmbedding`).
 
     Returns
     -------
@@ -162,7 +165,7 @@ def explain_tokens(
     mask = _check_mask(attention_mask, ids)
     embedding = input_embedding(lrp_model) if embedding is None else _check_embedding(embedding)
     _check_vocabulary(ids, embedding)
-    decoder = _decoder_inputs(lrp_model, decoder_input_ids, decoder_attention_mask, len(ids))
+    decoder = _decoder_inputs(lrp_model, decoder_input_ids, decoder_attention_mask, len(ids), decoder_embedding)
     extra = _check_inputs(inputs, pixel_values)
     ids = ids.to(_device(embedding, ids.device))  # the ids go where the embedding is
     mask = None if mask is None else mask.to(ids.device)
@@ -194,7 +197,7 @@ def explain_tokens(
         getter = getattr(lrp_model, "get_input_embeddings", None)
         check_same_forward(lrp_model, logits, ids, mask, None if decoder is None else (dec_ids, dec_mask),
                            {**extra, **({} if pixel_values is None else {"pixel_values": pixels.detach()})},
-                           own_embedding=getter is not None and embedding is getter())
+                           own_embedding=getter is not None and embedding is getter() and decoder_embedding is None)
         rows, positions = _rows(logits, position, explained.shape, dec_mask if decoder is not None else mask)
         classes = check_targets(target, rows, "classes" if positions is None else "token ids")
         r_out = torch.zeros_like(logits)
@@ -323,12 +326,15 @@ def _check_inputs(inputs, pixel_values) -> dict[str, Any]:
     return dict(inputs)
 
 
-def _decoder_inputs(model: nn.Module, decoder_input_ids, decoder_attention_mask, batch: int):
+def _decoder_inputs(model: nn.Module, decoder_input_ids, decoder_attention_mask, batch: int,
+                    embedding: nn.Module | None = None):
     """``(ids, mask, embedding)`` of an encoder-decoder model's decoder input, checked, or
     ``None`` for other models; the error that names what is wrong."""
     config = getattr(model, "config", None)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if decoder_input_ids is None:
+        if embedding is not None:
+            raise ValueError("decoder_embedding given without decoder_input_ids")
         if encoder_decoder or decoder_attention_mask is not None:
             raise ValueError(f"{type(model).__name__} is an encoder-decoder model: pass decoder_input_ids, the "
                              "decoder's output so far (starting with its start token, as generate returns it)"
@@ -341,7 +347,8 @@ def _decoder_inputs(model: nn.Module, decoder_input_ids, decoder_attention_mask,
     if len(ids) != batch:
         raise ValueError(f"decoder_input_ids has {len(ids)} sequences, input_ids has {batch}; they must match")
     mask = _check_mask(decoder_attention_mask, ids, "decoder_attention_mask", "decoder_input_ids")
-    embedding = input_embedding(model.get_decoder())
+    own = input_embedding(model.get_decoder())
+    embedding = own if embedding is None else _check_embedding(embedding)
     _check_vocabulary(ids, embedding)
     return ids, mask, embedding
 

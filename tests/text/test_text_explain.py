@@ -512,3 +512,28 @@ def test_the_check_sees_the_whole_batch_and_stays_out_of_the_way():
             return self.head(inputs_embeds.sum(1))
 
     assert lrpx.explain_tokens(EmbedsOnly(), torch.tensor([[1, 2]])).relevance.shape == (1, 2)
+
+
+def test_a_decoder_that_scales_its_embeddings_takes_a_scaled_decoder_embedding():
+    """MVP scales the lookup of ids in its encoder and its decoder: refused as it is, explained
+    for the model's own logit with both embeddings scaled."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MvpConfig(vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                    decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=1,
+                                    decoder_start_token_id=2, scale_embedding=True)
+    torch.manual_seed(0)
+    model = transformers.MvpForConditionalGeneration(config).eval()
+    lrp_model = lrpx.convert(model)
+    src, out = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[2, 9, 10]])
+    with pytest.raises(ValueError, match="computes other logits from the embeddings than from input_ids"):
+        lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out)
+    encoder, decoder = lrp_model.get_encoder(), lrp_model.get_decoder()
+    result = lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out,
+                                 embedding=lrpx.text.ScaledEmbedding(encoder.embed_tokens, encoder.embed_scale),
+                                 decoder_embedding=lrpx.text.ScaledEmbedding(decoder.embed_tokens, decoder.embed_scale))
+    with torch.no_grad():
+        logits = model(input_ids=src, decoder_input_ids=out).logits
+    torch.testing.assert_close(result.score[0], logits[0, -1].max(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="decoder_embedding given without decoder_input_ids"):
+        lrpx.explain_tokens(lrp_model, src, decoder_embedding=decoder.embed_tokens)
