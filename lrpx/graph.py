@@ -182,7 +182,7 @@ class ModelGraph:
     oplevel: dict[str, str] = field(default_factory=dict)
     #: the call nodes of each module in its callers' graphs
     sites: dict[str, list[fx.Node]] = field(default_factory=dict)
-    #: the kinds of batch for which :func:`lrpx.text.check_same_forward` found the converted model,
+    #: the kinds of batch for which :func:`lrpx.text_inputs.check_same_forward` found the converted model,
     #: with its own input embedding, to compute the same logits from embeddings as from ids
     verified: set[str] = field(default_factory=set)
 

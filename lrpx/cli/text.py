@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..plot_text import save_html, terminal_heatmap, token_strings, use_colour
-from ..text import TokenExplanation, explain_tokens, input_embedding, model_logits
+from ..text import TokenExplanation, explain_tokens
+from ..text_inputs import input_embedding, model_logits
 from .common import UsageError, check_out, device, first_line, out_dir
 
 __all__ = ["add_text", "run_explain_text", "load_text_model", "convert_text_model", "resolve_target"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..text import _check_ids, _check_mask, check_positions, check_targets, model_logits, padded_positions
+from ..text_inputs import _check_ids, _check_mask, check_positions, check_targets, model_logits, padded_positions
 from . import scores as _scores
 from .flipping import warn_if_training
 from .order import ORDERS
@@ -142,7 +142,7 @@ def token_flipping(
         ``mask_token_id`` / ``pad_token_id`` / ``unk_token_id``), a token id, or ``"delete"``: the
         token is dropped and the kept tokens are left-padded back to length ``T`` (pad id from the
         config, else 0; attention mask 0 there, and ``position_ids`` that count the real tokens
-        when the model takes them, see :func:`lrpx.text.padded_positions`); the explained
+        when the model takes them, see :func:`lrpx.text_inputs.padded_positions`); the explained
         position moves with its token (when every token up to it is deleted, the score is read
         at a padded position: the model's answer to an empty prefix).
     steps

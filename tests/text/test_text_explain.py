@@ -384,18 +384,24 @@ def test_vision_language_errors():
         lrpx.explain_tokens(model, ids, inputs=[1])
 
 
+def _tiny_translator(name: str, **config):
+    """A one-layer encoder-decoder of transformers' ``name`` (hidden size 16) that scales its
+    embeddings, random weights from seed 0, and its conversion."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        scale_embedding=True, **config)
+    torch.manual_seed(0)
+    model = getattr(transformers, {"Marian": "MarianMTModel"}.get(name, f"{name}ForConditionalGeneration"))(config)
+    return model.eval(), lrpx.convert(model.eval())
+
+
 def test_a_model_that_scales_the_embeddings_of_ids_itself_is_caught():
     """Marian's encoder multiplies the lookup of input_ids by embed_scale, but not embeddings
     it is given: explaining through inputs_embeds would explain another forward. That is an
     error that says what to do; with the scaled embedding, the explained logit is the model's."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MarianConfig(vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1,
-                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                       decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0,
-                                       decoder_start_token_id=0, scale_embedding=True)
-    torch.manual_seed(0)
-    model = transformers.MarianMTModel(config).eval()
-    lrp_model = lrpx.convert(model)
+    model, lrp_model = _tiny_translator("Marian", pad_token_id=0, decoder_start_token_id=0)
     src, out = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[0, 9, 10]])
     with pytest.raises(ValueError, match="MarianMTModel computes other logits from the embeddings than from "
                                          "input_ids .*lrpx.text.ScaledEmbedding"):
@@ -517,14 +523,7 @@ def test_the_check_sees_the_whole_batch_and_stays_out_of_the_way():
 def test_a_decoder_that_scales_its_embeddings_takes_a_scaled_decoder_embedding():
     """MVP scales the lookup of ids in its encoder and its decoder: refused as it is, explained
     for the model's own logit with both embeddings scaled."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MvpConfig(vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1,
-                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                    decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=1,
-                                    decoder_start_token_id=2, scale_embedding=True)
-    torch.manual_seed(0)
-    model = transformers.MvpForConditionalGeneration(config).eval()
-    lrp_model = lrpx.convert(model)
+    model, lrp_model = _tiny_translator("Mvp", pad_token_id=1, decoder_start_token_id=2)
     src, out = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[2, 9, 10]])
     with pytest.raises(ValueError, match="computes other logits from the embeddings than from input_ids"):
         lrpx.explain_tokens(lrp_model, src, decoder_input_ids=out)
