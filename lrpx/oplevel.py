@@ -242,9 +242,9 @@ class OpRules(TorchFunctionMode):
                 b = -b if not isinstance(b, Tensor) else lrp_apply(ElementwiseOps(torch.neg), _PASS, b)
             return self._sum(a, b)
         if len(args) == 2 and func in _MULS | _DIVS:
-            return self._product(func, args[0], args[1], func in _DIVS)
+            return self._product(args[0], args[1], func in _DIVS)
         if len(args) == 2 and func in _RDIVS:  # number / tensor: the tensor is a divisor
-            return self._product(operator.truediv, args[1], args[0], True)
+            return self._product(args[1], args[0], True)
         if len(args) == 1 and func in _NEG:
             return lrp_apply(ElementwiseOps(torch.neg), _PASS, args[0])
         if func in _ACTIVATIONS and len(args) >= 1 and isinstance(args[0], Tensor):
@@ -272,7 +272,7 @@ class OpRules(TorchFunctionMode):
             return base.copy_(out)
         return out
 
-    def _product(self, func, a, b, divide: bool):
+    def _product(self, a, b, divide: bool):
         if divide and self._carries(b):  # the divisor is a statistic, held constant (lrpx.statistics)
             b = b.detach()
             if not self._carries(a):  # a number or a constant over it: a constant, computed out of place
@@ -309,10 +309,10 @@ class OpRules(TorchFunctionMode):
         if scores is NotImplemented:
             return NotImplemented
         if alpha != 1:
-            scores = self._product(operator.mul, scores, alpha, False)
+            scores = self._product(scores, alpha, False)
         if beta != 0:  # (with beta 0 torch ignores the input, even NaN in it)
             if beta != 1:
-                base = self._product(operator.mul, base, beta, False) if self._carries(base) else base * beta
+                base = self._product(base, beta, False) if self._carries(base) else base * beta
             scores = self._sum(base, scores)
         with torch.no_grad():
             value = func(*args, **kwargs)
