@@ -30,13 +30,12 @@ def check_same_forward(model: nn.Module, logits: Tensor, ids: Tensor, mask: Tens
                        own_embedding: bool = True) -> None:
     """Raise if ``logits`` (of the forward on the embeddings, as explained) are not what ``model``
     computes from ``input_ids=ids`` with the same mask, positions (:func:`padded_positions`) and
-    inputs: a model that scales the
-    embeddings of ``input_ids`` only (Marian, Pegasus), pools the last token it finds from
-    ``input_ids`` (transformers' decoder classifiers, padding at the end) would be explained for
-    another forward than its own. Compared at the real tokens, without gradients, in one forward; a converted
-    model with its own embedding runs it once per kind of batch (padding at the start, at the
-    end, a padding id among the real tokens, a decoder). Not for a model in training mode or
-    whose forward takes no ``input_ids`` by name."""
+    inputs: a model that scales the embeddings of ``input_ids`` only (Marian, Pegasus), or pools
+    the last token it finds from ``input_ids`` (transformers' decoder classifiers, padding at the
+    end), would be explained for another forward than its own. Compared at the real tokens,
+    without gradients, in one forward; a converted model with its own embedding runs it once per
+    kind of batch (padding at the start, at the end, a padding id among the real tokens, a
+    decoder). Not for a model in training mode or whose forward takes no ``input_ids`` by name."""
     if getattr(model, "training", False) or not _named(model, "input_ids"):
         return
     key = _layout(model, ids, mask, decoder)
@@ -78,12 +77,10 @@ def check_same_forward(model: nn.Module, logits: Tensor, ids: Tensor, mask: Tens
 def _layout(model: nn.Module, ids: Tensor, mask: Tensor | None, decoder) -> str:
     """The kind of batch that the forward's agreement depends on."""
     parts = ["decoder" if decoder is not None else "alone"]
-    if mask is not None:
-        m = mask.long()
-        if bool((m[:, 1:] > m[:, :-1]).any()):
-            parts.append("padding at the start")
-        if bool((m[:, 1:] < m[:, :-1]).any()):
-            parts.append("padding at the end")
+    if mask is not None and _padding_before_real(mask):
+        parts.append("padding at the start")
+    if mask is not None and _padding_before_real(mask.flip(-1)):
+        parts.append("padding at the end")
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     if isinstance(pad, int) and bool(((ids == pad) & (mask == 1 if mask is not None else True)).any()):
         parts.append("padding id among the real tokens")
@@ -143,8 +140,7 @@ def _decoder_inputs(model: nn.Module, decoder_input_ids, decoder_attention_mask,
     if len(ids) != batch:
         raise ValueError(f"decoder_input_ids has {len(ids)} sequences, input_ids has {batch}; they must match")
     mask = _check_mask(decoder_attention_mask, ids, "decoder_attention_mask", "decoder_input_ids")
-    own = input_embedding(model.get_decoder())
-    embedding = own if embedding is None else _check_embedding(embedding)
+    embedding = input_embedding(model.get_decoder()) if embedding is None else _check_embedding(embedding)
     _check_vocabulary(ids, embedding)
     return ids, mask, embedding
 
@@ -157,16 +153,15 @@ def padded_positions(model: nn.Module, attention_mask: Tensor) -> dict[str, Tens
     a left-padded sequence would see its tokens at other positions than unpadded. Padding after
     the real tokens moves none of them: the model numbers them as it does.
     """
-    m = attention_mask.long()
-    if not bool((m[:, 1:] > m[:, :-1]).any()):
-        return {}
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    if "position_ids" not in parameters:
+    if not _padding_before_real(attention_mask) or not _named(model, "position_ids"):
         return {}
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)}
+
+
+def _padding_before_real(mask: Tensor) -> bool:
+    """Whether some sequence of ``mask`` has a padding position before a real token."""
+    m = mask.long()
+    return bool((m[:, 1:] > m[:, :-1]).any())
 
 
 def _named(model: nn.Module, name: str) -> bool:
