@@ -65,25 +65,24 @@ def _distilbert(attn: str):
     return transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float64)
 
 
-def _causal(config):
+def _with_attention(config, make):
+    """A builder: ``make(config)`` with the attention implementation set."""
     def build(attn: str):
         config._attn_implementation = attn
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+        return make(config)
     return build
+
+
+def _causal(config):
+    return _with_attention(config, lambda c: transformers.AutoModelForCausalLM.from_config(c, dtype=torch.float64))
 
 
 def _seq2seq(config):
-    def build(attn: str):
-        config._attn_implementation = attn
-        return transformers.AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float64)
-    return build
+    return _with_attention(config, lambda c: transformers.AutoModelForSeq2SeqLM.from_config(c, dtype=torch.float64))
 
 
 def _image_classifier(config, cls):
-    def build(attn: str):
-        config._attn_implementation = attn
-        return cls(config).double()
-    return build
+    return _with_attention(config, lambda c: cls(c).double())
 
 
 #: the image token of the vision-language models here (the last id of the vocabulary)
